@@ -1,0 +1,218 @@
+"""The ``makd`` command line.
+
+Data goes to stdout (explain, aspects, plugins, schema); diagnostics and progress go to
+stderr. Exit codes are :class:`makd_registry.errors.ExitCode`: 2 for an invalid objective
+file or command line, 3 for a plugin failure, 4 for a runtime failure, 1 for a bug.
+Plugins are loaded only when a command needs them, so ``makd --help`` always works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ExitCode, MakdError, ObjectiveError
+
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _out() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _print_failures(registry: Any) -> None:
+    for failure in registry.failures:
+        _err.print(f"warning: {failure.format()}", markup=False, style="yellow")
+
+
+def _registry(*, strict: bool = True) -> Any:
+    from .plugins import make_registry
+
+    return make_registry(strict=strict)
+
+
+def _load(path: str, registry: Any) -> Any:
+    from .objective import load_objective
+
+    try:
+        return load_objective(path, registry)
+    except ObjectiveError as exc:
+        failed = set(registry.failed_plugins())
+        if failed and any("failed to load" in d.message for d in exc.diagnostics):
+            exc.exit_code = ExitCode.PLUGIN  # the file may be fine: a plugin it needs is broken
+        raise
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    registry = _registry()
+    _print_failures(registry)
+    status = ExitCode.OK
+    for path in args.files:
+        try:
+            resolved = _load(path, registry)
+        except ObjectiveError as exc:
+            for diag in exc.diagnostics:
+                _err.print(diag.format(), markup=False)
+            status = max(status, exc.exit_code)
+            continue
+        nodes = sum(1 for _ in resolved.root.walk())
+        _err.print(f"{path}: ok ({nodes} objective nodes)", markup=False, style="green")
+    return int(status)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_dict, explain_tree
+
+    registry = _registry()
+    _print_failures(registry)
+    resolved = _load(args.file, registry)
+    if args.json:
+        print(json.dumps(explain_dict(resolved), indent=2))
+    elif args.resolved:
+        print(json.dumps(resolved.dump(), indent=2))
+    else:
+        _out().print(explain_tree(resolved))
+    return 0
+
+
+def cmd_aspects(args: argparse.Namespace) -> int:
+    registry = _registry(strict=False)
+    _print_failures(registry)
+    rows = [
+        {
+            "name": entry.name,
+            "plugin": entry.plugin.name,
+            "distribution": entry.plugin.distribution,
+            "version": entry.plugin.version,
+            "layerwise": entry.cls.layerwise() and not entry.cls.is_combinator,
+            "combinator": entry.cls.is_combinator,
+            "summary": entry.cls.summary(),
+        }
+        for entry in registry
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=None, box=None, pad_edge=False)
+    for column in ("aspect", "plugin", "distribution", "description"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        dist = row["distribution"] or "-"
+        if row["version"]:
+            dist += f" {row['version']}"
+        table.add_row(row["name"], row["plugin"], dist, row["summary"])
+    _out().print(table)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    registry = _registry(strict=False)
+    by_plugin: dict[str, list[str]] = {}
+    for entry in registry:
+        by_plugin.setdefault(entry.plugin.name, []).append(entry.name)
+    plugins = [
+        {
+            "name": info.name,
+            "distribution": info.distribution,
+            "version": info.version,
+            "builtin": info.builtin,
+            "module": info.module,
+            "aspects": by_plugin.get(info.name, []),
+        }
+        for info in registry.plugins
+    ]
+    failures = [
+        {"name": f.plugin, "distribution": f.distribution, "stage": f.stage, "error": f.error}
+        for f in registry.failures
+    ]
+    print(json.dumps({"plugins": plugins, "failures": failures}, indent=2))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .schema_export import objective_json_schema
+
+    registry = _registry()
+    _print_failures(registry)
+    text = json.dumps(objective_json_schema(registry), indent=2)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+        _err.print(f"wrote {args.output}", markup=False)
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="makd",
+        description="Knowledge distillation for Transformer language models: compose loss "
+        "aspects in a YAML objective file.",
+        epilog="exit codes: 0 ok, 1 internal error, 2 invalid objective or usage, "
+        "3 plugin failure, 4 runtime failure. Set MAKD_DISABLE_PLUGIN_AUTOLOAD=1 to skip "
+        "third-party plugins, MAKD_DISABLED_PLUGINS=a,b to skip some.",
+    )
+    parser.add_argument("--version", action="version", version=f"makd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="check objective files; report every error with its location")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("explain", help="show the resolved objective tree, mappings and features")
+    p.add_argument("file", metavar="FILE")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help="the tree as JSON")
+    group.add_argument(
+        "--resolved", action="store_true", help="the validated file with all defaults, as JSON"
+    )
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("aspects", help="list the registered aspects")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_aspects)
+
+    p = sub.add_parser("plugins", help="installed plugins and what they register (JSON)")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("schema", help="JSON Schema of objective files, with installed plugins")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ObjectiveError as exc:
+        for diag in exc.diagnostics:
+            _err.print(diag.format(), markup=False)
+        return int(exc.exit_code)
+    except MakdError as exc:
+        _err.print(f"error: {exc}", markup=False, style="red")
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        _err.print("interrupted", style="red")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception:
+        _err.print("internal error (a bug in makd or a plugin); please report it:", style="red")
+        _err.print(traceback.format_exc(), markup=False)
+        return int(ExitCode.INTERNAL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Exceptions and the process exit codes they map to.
+
+Every failure makd reports on purpose is one of these; anything else is a bug and exits
+with :data:`ExitCode.INTERNAL` and a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Distinct process exit codes of the ``makd`` command."""
+
+    OK = 0
+    INTERNAL = 1  #: an unexpected exception: a bug in makd or a plugin's aspect code
+    INVALID_INPUT = 2  #: the objective file (or the command line) is wrong
+    PLUGIN = 3  #: a plugin failed to load or registered something invalid
+    RUNTIME = 4  #: the run itself failed (model, data, training)
+
+
+class MakdError(Exception):
+    """Base class of the errors makd reports without a traceback."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+
+class PluginError(MakdError):
+    """A plugin could not be loaded, or registered something invalid."""
+
+    exit_code = ExitCode.PLUGIN
+
+
+class RuntimeFailure(MakdError):
+    """A run failed for a reason outside the objective file (model, data, device)."""
+
+    exit_code = ExitCode.RUNTIME
+
+
+@dataclass(frozen=True, order=True)
+class Diagnostic:
+    """One located problem in an objective file.
+
+    ``line`` and ``column`` are 1-based. ``path`` is the dotted path of the offending
+    YAML node (``objective.terms[1].temperature``), or ``<yaml>`` for syntax errors.
+    """
+
+    line: int
+    column: int
+    path: str
+    message: str
+    file: str = ""
+
+    def format(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.path}: {self.message}"
+
+
+class ObjectiveError(MakdError):
+    """The objective file is invalid; carries one or more located diagnostics."""
+
+    exit_code = ExitCode.INVALID_INPUT
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        self.diagnostics = sorted(diagnostics, key=lambda d: (d.line, d.column, d.path))
+        super().__init__("\n".join(d.format() for d in self.diagnostics))

@@ -1,0 +1,216 @@
+"""What an aspect can ask for from inside the teacher and the student.
+
+An aspect declares its needs as :class:`FeatureRequest` objects (side, feature, layer);
+the engine captures exactly those (forward hooks at the mapped layers only) and hands them
+to :meth:`makd_registry.Aspect.loss` in a :class:`FeatureSet`.
+
+This module imports no torch: tensors are only typed by name here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+Side = Literal["teacher", "student"]
+SIDES: tuple[Side, ...] = ("teacher", "student")
+
+
+class Feature(StrEnum):
+    """Feature kinds, with the tensor shape an aspect receives.
+
+    ``B`` batch, ``T`` sequence length, ``D`` hidden width, ``H`` attention heads,
+    ``Hkv`` key/value heads (GQA), ``d`` head width, ``I`` FFN width, ``C`` classes,
+    ``V`` vocabulary. Layer-wise kinds are indexed by a 0-based transformer layer.
+    """
+
+    #: (B, T, D) output of the embedding block (the input of layer 0); no layer index.
+    EMBEDDINGS = "embeddings"
+    #: (B, T, D) output hidden state of a layer.
+    HIDDEN = "hidden"
+    #: (B, H, T, T) attention probabilities; only from eager attention, prefer Q/K.
+    ATTENTION_PROBS = "attention_probs"
+    #: (B, H, T, d) queries as the attention uses them (after RoPE where the model applies it).
+    ATTENTION_QUERY = "attention_query"
+    #: (B, Hkv, T, d) keys as the attention uses them (after RoPE where the model applies it).
+    ATTENTION_KEY = "attention_key"
+    #: (B, Hkv, T, d) values, split into heads.
+    ATTENTION_VALUE = "attention_value"
+    #: (B, T, D_q) output of the query projection Linear.
+    Q_PROJ = "q_proj"
+    #: (B, T, D_k) output of the key projection Linear.
+    K_PROJ = "k_proj"
+    #: (B, T, D_v) output of the value projection Linear.
+    V_PROJ = "v_proj"
+    #: (B, T, D) output of the attention output projection Linear.
+    O_PROJ = "o_proj"
+    #: (B, T, I) FFN activation after the nonlinearity (act(gate) * up for gated MLPs).
+    FFN_INTERMEDIATE = "ffn_intermediate"
+    #: (B, T, I) gate projection output of a gated MLP (before the nonlinearity).
+    FFN_GATE = "ffn_gate"
+    #: (B, T, I) up projection output of a gated MLP.
+    FFN_UP = "ffn_up"
+    #: (B, T, D) output of the FFN block's last Linear (before residual and norm).
+    FFN_OUTPUT = "ffn_output"
+    #: (B, C) classification logits, or (B, T, V) language-model logits; no layer index.
+    LOGITS = "logits"
+    #: teacher-generated sequences (B, T_gen) token ids, or (B,) pseudo-labels; teacher only.
+    GENERATED = "generated"
+
+    @property
+    def layerwise(self) -> bool:
+        return self not in _MODEL_WISE
+
+
+_MODEL_WISE = frozenset({Feature.EMBEDDINGS, Feature.LOGITS, Feature.GENERATED})
+
+#: Module outputs that can also be computed on the *teacher's* input to that module
+#: (``FeatureRequest.on_teacher_input``): the student's own matrix applied to what the
+#: teacher's matrix saw, a local regression target as in low-rank cloning.
+MATRIX_FEATURES = frozenset(
+    {
+        Feature.Q_PROJ,
+        Feature.K_PROJ,
+        Feature.V_PROJ,
+        Feature.O_PROJ,
+        Feature.FFN_GATE,
+        Feature.FFN_UP,
+        Feature.FFN_INTERMEDIATE,
+        Feature.FFN_OUTPUT,
+    }
+)
+
+
+@dataclass(frozen=True, order=True)
+class FeatureRequest:
+    """One captured tensor an aspect needs.
+
+    ``layer`` is a 0-based layer index for layer-wise kinds and ``None`` for model-wise
+    ones. ``on_teacher_input`` (student side, matrix features only) asks for the student's
+    module applied to the input the teacher's corresponding module received.
+    """
+
+    side: Side
+    feature: Feature
+    layer: int | None = None
+    on_teacher_input: bool = False
+
+    def __post_init__(self) -> None:
+        if self.side not in SIDES:
+            raise ValueError(f"side must be 'teacher' or 'student', not {self.side!r}")
+        feature = Feature(self.feature)
+        object.__setattr__(self, "feature", feature)
+        if feature.layerwise and self.layer is None:
+            raise ValueError(f"feature {feature.value!r} is layer-wise and needs a layer index")
+        if not feature.layerwise and self.layer is not None:
+            raise ValueError(f"feature {feature.value!r} is model-wise and takes no layer index")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"layer index must be >= 0, not {self.layer}")
+        if feature is Feature.GENERATED and self.side != "teacher":
+            raise ValueError("generated sequences come from the teacher only")
+        if self.on_teacher_input and (self.side != "student" or feature not in MATRIX_FEATURES):
+            raise ValueError("on_teacher_input is for student-side matrix features only")
+
+    def describe(self) -> str:
+        where = "" if self.layer is None else f"@{self.layer}"
+        extra = " (on teacher input)" if self.on_teacher_input else ""
+        return f"{self.side}.{self.feature.value}{where}{extra}"
+
+
+def summarize(requests: Iterable[FeatureRequest]) -> dict[str, list[str]]:
+    """Group requests per side as ``{"teacher": ["hidden@[1,3]", "logits"], ...}``."""
+    grouped: dict[tuple[Side, Feature, bool], list[int]] = {}
+    for r in sorted(set(requests)):
+        layers = grouped.setdefault((r.side, r.feature, r.on_teacher_input), [])
+        if r.layer is not None:
+            layers.append(r.layer)
+    out: dict[str, list[str]] = {side: [] for side in SIDES}
+    for (side, feature, on_teacher), layers in grouped.items():
+        text = feature.value
+        if layers:
+            text += "@[" + ",".join(str(i) for i in layers) + "]"
+        if on_teacher:
+            text += " (on teacher input)"
+        out[side].append(text)
+    return out
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shape facts about one model that aspects may need to build alignment maps."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
+    num_labels: int | None = None
+    is_decoder: bool = False
+    #: the factor the model multiplies QKᵀ by (1/sqrt(d) unless the model says otherwise)
+    attention_scale: float | None = None
+
+
+@dataclass
+class FeatureSet:
+    """The captured features of one batch, handed to :meth:`Aspect.loss`.
+
+    ``attention_mask`` is the (B, T) padding mask (1 = real token). ``causal`` tells
+    whether the models attend causally (decoders). ``labels`` holds the batch's hard
+    labels when the task has them. ``step`` is the global optimisation step.
+    """
+
+    teacher_features: Mapping[tuple[Feature, int | None], torch.Tensor] = field(
+        default_factory=dict
+    )
+    student_features: Mapping[tuple[Feature, int | None], torch.Tensor] = field(
+        default_factory=dict
+    )
+    #: student matrix outputs computed on the teacher's module inputs
+    student_on_teacher_input: Mapping[tuple[Feature, int], torch.Tensor] = field(
+        default_factory=dict
+    )
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    causal: bool = False
+    step: int = 0
+    teacher_info: ModelInfo | None = None
+    student_info: ModelInfo | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, request: FeatureRequest) -> torch.Tensor:
+        """The tensor for ``request``; a ``KeyError`` naming it when it was not captured."""
+        key = (request.feature, request.layer)
+        if request.on_teacher_input:
+            table: Mapping[Any, Any] = self.student_on_teacher_input
+        else:
+            table = self.teacher_features if request.side == "teacher" else self.student_features
+        try:
+            return table[key]
+        except KeyError:
+            raise KeyError(f"feature {request.describe()} was not captured") from None
+
+    def zero(self) -> torch.Tensor:
+        """A scalar fp32 zero on the device of the captured features."""
+        import torch
+
+        for table in (self.student_features, self.teacher_features):
+            for tensor in table.values():
+                return torch.zeros((), dtype=torch.float32, device=tensor.device)
+        return torch.zeros((), dtype=torch.float32)
+
+    def teacher(self, feature: Feature | str, layer: int | None = None) -> torch.Tensor:
+        return self.get(FeatureRequest("teacher", Feature(feature), layer))
+
+    def student(
+        self, feature: Feature | str, layer: int | None = None, *, on_teacher_input: bool = False
+    ) -> torch.Tensor:
+        return self.get(
+            FeatureRequest("student", Feature(feature), layer, on_teacher_input=on_teacher_input)
+        )

@@ -1,0 +1,65 @@
+"""Finding how many layers the teacher and student have, without loading any weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+#: config keys that hold the number of transformer layers, by model family
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+class DepthError(ValueError):
+    """A model reference that cannot be used; ``key`` is the sub-path to blame."""
+
+    def __init__(self, message: str, key: tuple[str | int, ...] = ()):
+        super().__init__(message)
+        self.key = key
+
+
+def depth_from_config(config: dict[str, Any]) -> int | None:
+    for key in LAYER_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise DepthError(f"'{key}' must be at least 1, not {value}", (key,))
+            return value
+    return None
+
+
+def is_path_like(ref: str) -> bool:
+    """Whether ``ref`` must be a local path (a hub id is ``name`` or ``owner/name``)."""
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
+
+
+def local_model_dir(ref: str, base: Path) -> Path | None:
+    """The local directory ``ref`` names (relative to ``base``), or None for a hub id."""
+    candidate = (base / Path(ref).expanduser()).resolve()
+    if candidate.exists():
+        if not candidate.is_dir():
+            raise DepthError(f"model path {candidate} is a file; give the model directory")
+        return candidate
+    if is_path_like(ref):
+        raise DepthError(f"model directory {candidate} does not exist")
+    return None
+
+
+def depth_from_model(ref: str, base: Path) -> int | None:
+    """Layers of the model at ``ref``: read from its config.json when it is local."""
+    directory = local_model_dir(ref, base)
+    if directory is None:
+        return None
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise DepthError(f"{directory} has no config.json: it is not a transformers model directory")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DepthError(f"cannot read {config_file}: {exc}") from None
+    if not isinstance(config, dict):
+        raise DepthError(f"{config_file} does not hold a JSON object")
+    try:
+        return depth_from_config(config)
+    except DepthError as exc:
+        raise DepthError(f"{config_file}: {exc}") from None

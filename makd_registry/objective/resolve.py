@@ -1,0 +1,273 @@
+"""From an objective file to a resolved tree of aspect instances, or located diagnostics.
+
+Three passes, each reporting every problem it finds as ``file:line:col: path: message``:
+
+1. YAML → plain data (safe loader, duplicate keys rejected), see :mod:`.source`;
+2. plain data → validated models (pydantic; each node's ``type`` looked up in the
+   registry), see :mod:`.sections`;
+3. models → aspects: depths of teacher and student, layer mappings resolved and checked,
+   sibling names unique, ``stages`` only at the root.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..aspect import Aspect, AspectConfig, LayerwiseConfig
+from ..errors import Diagnostic, ObjectiveError, PluginError
+from ..features import FeatureRequest
+from ..mapping import LayerPair, MappingError
+from ..registry import AspectRegistry
+from .depths import DepthError, depth_from_config, depth_from_model
+from .sections import ObjectiveFile
+from .source import Path as YPath
+from .source import SourceMap, load_yaml
+
+#: pydantic error types that blame a key rather than its value
+_KEY_ERRORS = {"unknown_key", "extra_forbidden", "key_type"}
+
+
+@dataclass
+class ResolvedObjective:
+    """A valid objective file: its models, its depths and its tree of aspects."""
+
+    file: str
+    spec: ObjectiveFile
+    root: Aspect
+    teacher_layers: int | None
+    student_layers: int | None
+    source: SourceMap
+    base_dir: Path
+    warnings: list[Diagnostic] = field(default_factory=list)
+
+    def requires(self) -> list[FeatureRequest]:
+        return self.root.requires()
+
+    def dump(self) -> dict[str, Any]:
+        """The validated file as plain data, with every default filled in."""
+        return self.spec.model_dump(mode="json")
+
+
+def load_objective(path: str | Path, registry: AspectRegistry) -> ResolvedObjective:
+    """Read, validate and resolve the objective file at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ObjectiveError([Diagnostic(1, 1, "<file>", "no such file", str(path))]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ObjectiveError([Diagnostic(1, 1, "<file>", f"cannot read: {exc}", str(path))]) from None
+    return resolve_text(text, str(path), registry, base_dir=path.resolve().parent)
+
+
+def resolve_text(
+    text: str, file: str, registry: AspectRegistry, *, base_dir: Path | None = None
+) -> ResolvedObjective:
+    """Validate and resolve objective-file ``text``; ``file`` is the name used in messages."""
+    data, smap = load_yaml(text, file)
+    return resolve_data(data, smap, registry, base_dir=base_dir or Path.cwd())
+
+
+def resolve_data(
+    data: Any, smap: SourceMap, registry: AspectRegistry, *, base_dir: Path
+) -> ResolvedObjective:
+    if not isinstance(data, dict):
+        raise ObjectiveError(
+            [smap.diagnostic((), "an objective file is a mapping with an 'objective' key")]
+        )
+    try:
+        spec = ObjectiveFile.model_validate(data, context={"registry": registry})
+    except ValidationError as exc:
+        raise ObjectiveError(pydantic_diagnostics(exc, smap)) from None
+    return _Resolver(spec, smap, registry, base_dir).run()
+
+
+def pydantic_diagnostics(
+    exc: ValidationError, smap: SourceMap, prefix: YPath = ()
+) -> list[Diagnostic]:
+    """Turn pydantic errors into located diagnostics (one per distinct path and message)."""
+    out: dict[tuple[YPath, str], Diagnostic] = {}
+    for err in exc.errors(include_url=False):
+        path = (*prefix, *err["loc"])
+        kind = err["type"]
+        message = err["msg"]
+        if kind == "missing":
+            message = f"missing required key '{path[-1]}'"
+            where = smap.locate(path[:-1])
+            diag = Diagnostic(*where, _fmt(path), message, smap.file)
+        else:
+            if kind in {"extra_forbidden"}:
+                message = f"unknown key '{path[-1]}'"
+            elif kind not in _KEY_ERRORS and "input" in err:
+                got = _short(err["input"])
+                if got and not (isinstance(err["input"], str) and got in message):
+                    message += f" (got {got})"
+            diag = smap.diagnostic(path, message, key=kind in _KEY_ERRORS)
+        out.setdefault((path, message), diag)
+    return list(out.values())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (dict, list)) or value is None:
+        return ""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _fmt(path: YPath) -> str:
+    from .source import format_path
+
+    return format_path(path)
+
+
+class _Resolver:
+    def __init__(
+        self, spec: ObjectiveFile, smap: SourceMap, registry: AspectRegistry, base_dir: Path
+    ) -> None:
+        self.spec = spec
+        self.smap = smap
+        self.registry = registry
+        self.base_dir = base_dir
+        self.diags: list[Diagnostic] = []
+
+    def error(self, path: YPath, message: str, *, key: bool = False) -> None:
+        self.diags.append(self.smap.diagnostic(path, message, key=key))
+
+    def run(self) -> ResolvedObjective:
+        teacher_layers = self._teacher_depth()
+        student_layers = self._student_depth(teacher_layers)
+        self.depths = (student_layers, teacher_layers)
+        root = self._build(self.spec.objective, ("objective",), None, "", is_root=True)
+        if self.diags:
+            raise ObjectiveError(self.diags)
+        return ResolvedObjective(
+            file=self.smap.file,
+            spec=self.spec,
+            root=root,  # type: ignore[arg-type]
+            teacher_layers=teacher_layers,
+            student_layers=student_layers,
+            source=self.smap,
+            base_dir=self.base_dir,
+        )
+
+    # -- depths ------------------------------------------------------------------------
+
+    def _depth(self, section: str) -> int | None:
+        spec = getattr(self.spec, section)
+        if spec is None:
+            return None
+        try:
+            if spec.config is not None:
+                return depth_from_config(spec.config)
+            if spec.model is not None:
+                return depth_from_model(spec.model, self.base_dir)
+        except DepthError as exc:
+            sub = ("config", *exc.key) if spec.config is not None else ("model",)
+            self.error((section, *sub), str(exc))
+        return None
+
+    def _teacher_depth(self) -> int | None:
+        return self._depth("teacher")
+
+    def _student_depth(self, teacher_layers: int | None) -> int | None:
+        student = self.spec.student
+        if student is None or student.teacher_layers is None:
+            return self._depth("student")
+        seen: set[int] = set()
+        for i, layer in enumerate(student.teacher_layers):
+            where = ("student", "teacher_layers", i)
+            if layer < 0 or (teacher_layers is not None and layer >= teacher_layers):
+                bound = f" (0..{teacher_layers - 1})" if teacher_layers is not None else ""
+                self.error(where, f"teacher layer {layer} does not exist{bound}")
+            elif layer in seen:
+                self.error(where, f"teacher layer {layer} is selected twice")
+            seen.add(layer)
+        return len(student.teacher_layers)
+
+    # -- the tree ----------------------------------------------------------------------
+
+    def _build(
+        self,
+        config: AspectConfig,
+        path: YPath,
+        inherited: tuple[Any, YPath] | None,
+        parent_qual: str,
+        *,
+        is_root: bool = False,
+        qual_name: str | None = None,
+    ) -> Aspect | None:
+        cls = self.registry.get(config.type)
+        assert cls is not None  # validated in pass 2
+        name = qual_name or config.name or config.type
+        qual = f"{parent_qual}/{name}" if parent_qual else name
+        children: list[Aspect] = []
+        pairs: list[LayerPair] = []
+        own = getattr(config, "layers", None)
+        mapping = (own, (*path, "layers")) if own is not None else inherited
+
+        if cls.name == "stages":
+            if not is_root:
+                self.error((*path, "type"), "'stages' can only be the root of the objective")
+            for i, stage in enumerate(config.stages):  # type: ignore[attr-defined]
+                child = self._build(
+                    stage.objective, (*path, "stages", i, "objective"), None, qual,
+                    qual_name=stage.name,
+                )
+                if child is not None:
+                    children.append(child)
+        elif cls.is_combinator:
+            terms = getattr(config, "terms", [])
+            self._check_sibling_names(terms, (*path, "terms"), name)
+            for i, term in enumerate(terms):
+                child = self._build(term, (*path, "terms", i), mapping, qual)
+                if child is not None:
+                    children.append(child)
+        elif isinstance(config, LayerwiseConfig):
+            if mapping is None:
+                self.error(
+                    (*path, "type"),
+                    f"'{config.type}' compares layers and needs a layer mapping: set 'layers:' "
+                    "here or on an enclosing sum",
+                )
+                return None
+            mapping_obj, mapping_path = mapping
+            try:
+                pairs = mapping_obj.resolve(*self.depths)
+            except MappingError as exc:
+                where = exc.where
+                if where[:1] == ("pairs",) and (*mapping_path, "pairs") not in self.smap.values:
+                    where = where[1:]  # written as the shorthand list of pairs
+                via = "" if own is not None else f" (inherited by {_fmt(path)})"
+                self.error((*mapping_path, *where), f"{exc}{via}")
+                return None
+        try:
+            aspect = cls(config, pairs=pairs, children=children, path=qual)
+            aspect.requires()
+        except (ValueError, TypeError) as exc:
+            self.error(path, f"'{config.type}' rejects this configuration: {exc}")
+            return None
+        except Exception as exc:  # a bug in the plugin, not in the file
+            raise PluginError(
+                f"aspect '{cls.name}' failed while building {_fmt(path)}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return aspect
+
+    def _check_sibling_names(self, terms: list[AspectConfig], path: YPath, parent: str) -> None:
+        first: dict[str, int] = {}
+        for i, term in enumerate(terms):
+            name = term.name or term.type
+            if name in first:
+                key = "name" if term.name else "type"
+                hint = "" if term.name else "; give each a distinct 'name'"
+                self.error(
+                    (*path, i, key),
+                    f"duplicate name '{name}' among the terms of '{parent}' (also terms"
+                    f"[{first[name]}]){hint}",
+                )
+            else:
+                first[name] = i

@@ -1,0 +1,112 @@
+"""The sections of an objective file: teacher, student, data, training, objective.
+
+Only the objective tree (``objective:``) is complete here; the model, data and training
+sections hold what is needed to validate a file (model references and their depths, data
+files) and grow with the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..aspect import AspectNode
+from ..strict import StrictModel, raise_at
+
+
+def _exactly_one(model: StrictModel, fields: tuple[str, ...]) -> None:
+    given = [f for f in fields if getattr(model, f) is not None]
+    if len(given) != 1:
+        where = given[1] if len(given) > 1 else None
+        raise_at(
+            (where,) if where else (),
+            "model_source",
+            "give exactly one of {fields} (got {given})",
+            None,
+            fields=", ".join(fields),
+            given=", ".join(given) or "none",
+        )
+
+
+class TeacherSection(StrictModel):
+    """Where the teacher comes from."""
+
+    model: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A local model directory (relative to this file) or a hub model id.",
+    )
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description="An inline transformers config (with model_type) for a model built "
+        "from scratch, e.g. a tiny test model.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSection:
+        _exactly_one(self, ("model", "config"))
+        return self
+
+
+class StudentSection(StrictModel):
+    """Where the student comes from."""
+
+    model: str | None = Field(
+        default=None, min_length=1, description="A local model directory or a hub model id."
+    )
+    config: dict[str, Any] | None = Field(
+        default=None, description="An inline transformers config for a student built from scratch."
+    )
+    teacher_layers: list[int] | None = Field(
+        default=None,
+        min_length=1,
+        description="Build the student from the teacher by keeping these teacher layers "
+        "(0-based, DistilBERT-style initialisation).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentSection:
+        _exactly_one(self, ("model", "config", "teacher_layers"))
+        return self
+
+
+Task = Literal[
+    "classification", "pair_classification", "qa", "causal_lm", "instruction"
+]
+
+
+class DataSection(StrictModel):
+    """The training and evaluation data."""
+
+    task: Task = Field(description="What the data is for.")
+    train: str | None = Field(
+        default=None, min_length=1, description="Training data: a local file or a hub dataset."
+    )
+    validation: str | None = Field(
+        default=None, min_length=1, description="Evaluation data: a local file or a hub dataset."
+    )
+    text_column: str = Field(default="sentence", min_length=1)
+    text_pair_column: str | None = Field(default=None, min_length=1)
+    label_column: str = Field(default="label", min_length=1)
+    max_length: int = Field(default=128, ge=8, le=32768)
+
+
+class TrainingSection(StrictModel):
+    """How long and how fast to train."""
+
+    steps: int = Field(default=1000, ge=1, description="Total optimisation steps.")
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=5e-5, gt=0, le=1, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0)
+
+
+class ObjectiveFile(StrictModel):
+    """A makd objective file."""
+
+    version: Literal[1] = Field(default=1, description="Objective file format version.")
+    teacher: TeacherSection | None = None
+    student: StudentSection | None = None
+    data: DataSection | None = None
+    training: TrainingSection | None = None
+    objective: AspectNode = Field(description="The root of the objective tree.")

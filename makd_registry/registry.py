@@ -1,0 +1,106 @@
+"""The aspect registry: every aspect class by name, with the plugin that registered it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .aspect import Aspect, check_aspect_class
+from .errors import PluginError
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """A plugin known to the manager: its name, where it comes from, what it registered."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    builtin: bool = False
+    module: str | None = None
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that could not be imported or whose registration hook raised."""
+
+    plugin: str
+    distribution: str | None
+    stage: str  # "import" | "register" | "conflict"
+    error: str
+
+    def format(self) -> str:
+        dist = f" (from {self.distribution})" if self.distribution else ""
+        what = {
+            "import": "failed to import",
+            "register": "failed to register its aspects",
+            "conflict": "conflicts with another plugin",
+        }.get(self.stage, self.stage)
+        return f"plugin '{self.plugin}'{dist} {what}: {self.error}"
+
+
+@dataclass(frozen=True)
+class AspectEntry:
+    cls: type[Aspect]
+    plugin: PluginInfo
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+
+@dataclass
+class AspectRegistry:
+    """Aspect classes by name; built by :func:`makd_registry.make_registry`."""
+
+    entries: dict[str, AspectEntry] = field(default_factory=dict)
+    plugins: list[PluginInfo] = field(default_factory=list)
+    failures: list[PluginFailure] = field(default_factory=list)
+
+    def add(self, cls: type[Aspect], plugin: PluginInfo) -> None:
+        """Register ``cls`` for ``plugin``; raises :class:`PluginError` on a bad class or clash."""
+        try:
+            check_aspect_class(cls)
+        except TypeError as exc:
+            raise PluginError(f"plugin '{plugin.name}' registered an invalid aspect: {exc}") from None
+        existing = self.entries.get(cls.name)
+        if existing is not None:
+            if existing.cls is cls and existing.plugin.name == plugin.name:
+                return
+            raise PluginError(
+                f"aspect '{cls.name}' is registered twice: by plugin '{existing.plugin.name}'"
+                f"{_origin(existing.plugin)} ({_qual(existing.cls)}) and by plugin "
+                f"'{plugin.name}'{_origin(plugin)} ({_qual(cls)})"
+            )
+        self.entries[cls.name] = AspectEntry(cls, plugin)
+
+    def get(self, name: str) -> type[Aspect] | None:
+        entry = self.entries.get(name)
+        return entry.cls if entry else None
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __iter__(self) -> Iterator[AspectEntry]:
+        return iter(self.entries[name] for name in self.names())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def failed_plugins(self) -> list[str]:
+        return [f.plugin for f in self.failures]
+
+
+def _origin(plugin: PluginInfo) -> str:
+    if plugin.builtin:
+        return " (built-in)"
+    if plugin.distribution:
+        return f" (from {plugin.distribution} {plugin.version or ''})".replace(" )", ")")
+    return ""
+
+
+def _qual(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
