@@ -1,0 +1,535 @@
+"""Masked, numerically stable distillation losses (plain torch, no other makd import).
+
+Conventions shared by every function here:
+
+* ``B`` batch, ``T`` sequence length, ``H`` attention (query) heads, ``Hkv`` key/value heads,
+  ``d`` head width, ``D`` hidden width, ``C`` classes, ``V`` vocabulary.
+* ``attention_mask`` / ``mask`` is ``(B, T)`` (bool or 0/1 ints): 1 = real token, 0 = padding.
+* Everything is computed in fp32 whatever the input dtype (inputs are cast with ``.float()``)
+  and every loss returns a scalar fp32 tensor.
+* Padded content never reaches an arithmetic operation: it is replaced by a finite constant
+  (``masked_fill`` / ``torch.where``) or dropped by indexing *before* any product, softmax or
+  log. Padded positions therefore have no influence on the value, even when they hold
+  ``inf``/``nan``/huge numbers, and they receive exactly zero gradient.
+* Excluded attention keys get the finite score :data:`MASK_VALUE` (not ``-inf``) so that
+  ``0 * log 0`` style products are ``0 * finite`` and never ``nan``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "MASK_VALUE",
+    "attention_kl",
+    "attention_log_probs",
+    "cross_entropy",
+    "hidden_mse",
+    "kd_divergence",
+    "masked_mean",
+    "probs_to_log_probs",
+    "relation_log_probs",
+    "shift_for_causal_lm",
+]
+
+#: Finite stand-in for ``-inf``: the score/log-probability given to excluded keys, and the
+#: floor applied to log-probabilities before they enter a KL (so ``-inf`` inputs stay finite).
+#: Its magnitude keeps sums of a few such terms far from fp32 overflow (max ~3.4e38).
+MASK_VALUE: float = -1e30
+
+Direction = Literal["forward", "reverse"]
+DivergenceKind = Literal["forward", "reverse", "jsd"]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _as_bool_mask(mask: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """Check ``mask`` has ``shape`` and return it as a bool tensor."""
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _check_positive(value: float, name: str) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _key_validity(
+    batch: int,
+    seq: int,
+    attention_mask: torch.Tensor | None,
+    causal: bool,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """``(B, 1, T, T)`` bool, True where query ``i`` may attend key ``j``; None = all."""
+    valid: torch.Tensor | None = None
+    if attention_mask is not None:
+        keys = _as_bool_mask(attention_mask, (batch, seq), "attention_mask").to(device)
+        valid = keys[:, None, None, :].expand(batch, 1, seq, seq)
+    if causal:
+        tril = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+        tril = tril[None, None].expand(batch, 1, seq, seq)
+        valid = tril if valid is None else valid & tril
+    return valid
+
+
+# --------------------------------------------------------------------------------------------
+# reductions
+# --------------------------------------------------------------------------------------------
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    r"""Mean of ``values`` over valid tokens and all trailing elements, in fp32.
+
+    .. math::
+        \mathrm{mean} = \frac{\sum_{b,t:\,M_{bt}=1} \sum_{\text{trailing}} v_{bt\ldots}}
+                             {n_\text{valid} \cdot \prod \text{trailing dims}}
+
+    Args:
+        values: ``(B, T, ...)``, any trailing dimensions, any float dtype.
+        mask: ``(B, T)`` bool/int, 1 = valid token; ``None`` = plain mean over everything.
+
+    Returns:
+        Scalar fp32 tensor. With no valid token it is ``0`` (not ``nan``) and still connected
+        to the autograd graph (zero gradient). Values at invalid tokens never enter the sum
+        (``torch.where``), so they may be ``inf``/``nan`` and get exactly zero gradient.
+    """
+    values = values.float()
+    if mask is None:
+        return values.mean()
+    if values.dim() < 2:
+        raise ValueError(
+            f"values must be (B, T, ...) when a mask is given, got {tuple(values.shape)}"
+        )
+    m = _as_bool_mask(mask, tuple(values.shape[:2]), "mask").to(values.device)
+    trailing = math.prod(values.shape[2:])
+    m_full = m.reshape(m.shape + (1,) * (values.dim() - 2))
+    total = torch.where(m_full, values, values.new_zeros(())).sum()
+    count = m.sum().to(torch.float32) * trailing
+    return total / count.clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# attention distributions
+# --------------------------------------------------------------------------------------------
+
+
+def attention_log_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scale: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    r"""Attention log-probabilities over keys, from queries and keys, in fp32.
+
+    .. math::
+        \log A_{bhij} = \operatorname{log\,softmax}_{j \in \mathcal{V}_{bi}}
+            \Big(\frac{s}{\tau}\, q_{bhi} \cdot k_{b,g(h),j}\Big),
+        \qquad s = 1/\sqrt{d} \text{ by default},
+
+    where :math:`\mathcal{V}_{bi}` are the keys that are not padding (and, when ``causal``,
+    :math:`j \le i`), and :math:`g(h) = \lfloor h / (H/H_{kv}) \rfloor` is the key head serving
+    query head ``h`` (grouped-query attention, like transformers' ``repeat_kv``).
+
+    Args:
+        query: ``(B, H, T, d)``.
+        key: ``(B, Hkv, T, d)`` with ``H % Hkv == 0``.
+        scale: multiplier of the dot products; default ``1 / sqrt(d)``.
+        attention_mask: ``(B, T)``, 1 = real token. Padded keys are excluded.
+        causal: also exclude future keys (``j > i``).
+        temperature: divides the scores (``> 0``).
+
+    Returns:
+        ``(B, H, T, T)`` fp32 log-probabilities; excluded keys hold about :data:`MASK_VALUE`
+        (finite). Padded queries and keys are zeroed before the product, so rows of padded
+        queries are the uniform distribution over their allowed keys; a row with no allowed
+        key at all is uniform over all ``T`` keys. Every entry is finite.
+    """
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(
+            f"query and key must be 4-D (B, H, T, d) / (B, Hkv, T, d), got "
+            f"{tuple(query.shape)} and {tuple(key.shape)}"
+        )
+    b, h, t, d = query.shape
+    bk, hkv, tk, dk = key.shape
+    if (bk, tk, dk) != (b, t, d):
+        raise ValueError(
+            f"query {tuple(query.shape)} and key {tuple(key.shape)} must agree in batch, "
+            "sequence length and head width"
+        )
+    if hkv < 1 or h % hkv != 0:
+        raise ValueError(f"query heads ({h}) must be a multiple of key heads ({hkv})")
+    _check_positive(temperature, "temperature")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif not (isinstance(scale, int | float) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+
+    q = query.float()
+    k = key.float()
+    if attention_mask is not None:
+        pad = ~_as_bool_mask(attention_mask, (b, t), "attention_mask").to(q.device)
+        pad = pad[:, None, :, None]
+        q = q.masked_fill(pad, 0.0)
+        k = k.masked_fill(pad, 0.0)
+    if hkv != h:
+        k = k.repeat_interleave(h // hkv, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale / temperature)
+    valid = _key_validity(b, t, attention_mask, causal, q.device)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, MASK_VALUE)
+    return F.log_softmax(scores, dim=-1)
+
+
+def probs_to_log_probs(
+    probs: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    r"""Log of given attention probabilities ``(B, H, T, T)``, in fp32.
+
+    :math:`\log \max(A, \text{tiny})` at allowed keys and :data:`MASK_VALUE` at excluded keys
+    (padding, and future keys when ``causal``). Rows of padded queries (whose content is
+    ignored) are replaced by the log of the uniform distribution over their allowed keys, so
+    ``nan`` rows produced by a model for all-padding queries cannot leak. No renormalisation is
+    done: the rows are assumed to already sum to 1 over the allowed keys.
+    """
+    if probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
+        raise ValueError(f"probs must be (B, H, T, T), got {tuple(probs.shape)}")
+    b, _, t, _ = probs.shape
+    p = probs.float()
+    tiny = torch.finfo(torch.float32).tiny
+    valid = _key_validity(b, t, attention_mask, causal, p.device)
+    if valid is None:
+        return p.clamp_min(tiny).log()
+    # Sanitize first (finite constant at excluded keys), then log.
+    logp = torch.where(valid, p, 1.0).clamp_min(tiny).log()
+    logp = logp.masked_fill(~valid, MASK_VALUE)
+    if attention_mask is not None:
+        n_allowed = valid.sum(-1, keepdim=True).clamp_min(1).float()  # (B, 1, T, 1)
+        uniform = torch.where(valid, -n_allowed.log(), MASK_VALUE)  # (B, 1, T, T)
+        q_pad = ~_as_bool_mask(attention_mask, (b, t), "attention_mask").to(p.device)
+        logp = torch.where(q_pad[:, None, :, None], uniform, logp)
+    return logp
+
+
+# --------------------------------------------------------------------------------------------
+# attention / relation KL
+# --------------------------------------------------------------------------------------------
+
+
+def attention_kl(
+    teacher_logp: torch.Tensor,
+    student_logp: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    direction: Direction = "forward",
+) -> torch.Tensor:
+    r"""KL divergence between attention (or relation) distributions, averaged over rows.
+
+    forward (MiniLM, teacher first):
+    :math:`\mathrm{KL}(A_T \| A_S) = \sum_j A_{T,j} (\log A_{T,j} - \log A_{S,j})`;
+    reverse: :math:`\mathrm{KL}(A_S \| A_T)`. The per-row KL is over the valid keys of row
+    ``(b, h, i)`` and the result is
+
+    .. math::
+        \frac{1}{H \cdot n_\text{valid queries}} \sum_{b,h} \sum_{i:\,M_{bi}=1}
+            \mathrm{KL}_{bhi}.
+
+    Args:
+        teacher_logp, student_logp: ``(B, H, T, T)`` log-probabilities over keys, same shape
+            (e.g. from :func:`attention_log_probs`, :func:`relation_log_probs` or
+            :func:`probs_to_log_probs`).
+        attention_mask: ``(B, T)``; padded queries are not averaged and padded keys contribute
+            nothing. ``None`` = every query and key is valid. Future keys of a causal model
+            need no mask here: they carry probability ``exp(MASK_VALUE) = 0`` on both sides.
+        direction: ``"forward"`` or ``"reverse"``.
+
+    Returns:
+        Scalar fp32 tensor (``0`` when there is no valid query). Log-probabilities are floored
+        at :data:`MASK_VALUE` so ``-inf`` inputs cannot produce ``0 * inf``.
+    """
+    if teacher_logp.shape != student_logp.shape:
+        raise ValueError(
+            f"teacher_logp {tuple(teacher_logp.shape)} and student_logp "
+            f"{tuple(student_logp.shape)} must have the same shape"
+        )
+    if teacher_logp.dim() != 4 or teacher_logp.shape[-1] != teacher_logp.shape[-2]:
+        raise ValueError(f"log-probabilities must be (B, H, T, T), got {tuple(teacher_logp.shape)}")
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    b, h, t, _ = teacher_logp.shape
+    lt = teacher_logp.float()
+    ls = student_logp.float()
+    if attention_mask is None:
+        valid = None
+        n_rows = float(b * h * t)
+    else:
+        m = _as_bool_mask(attention_mask, (b, t), "attention_mask").to(lt.device)
+        valid = m[:, None, :, None] & m[:, None, None, :]  # (B, 1, T, T): query & key valid
+        # Replace excluded entries (padded query rows, padded key columns) by the constant 0
+        # before anything else: their term becomes exp(0) * (0 - 0) = 0, nothing non-finite can
+        # leak, and the original entries get exactly zero gradient.
+        lt = torch.where(valid, lt, 0.0)
+        ls = torch.where(valid, ls, 0.0)
+        n_rows = m.sum().to(torch.float32) * h
+    lt = lt.clamp_min(MASK_VALUE)
+    ls = ls.clamp_min(MASK_VALUE)
+    if direction == "forward":
+        terms = lt.exp() * (lt - ls)
+    else:
+        terms = ls.exp() * (ls - lt)
+    total = terms.sum()
+    if isinstance(n_rows, torch.Tensor):
+        return total / n_rows.clamp_min(1.0)
+    return total / max(n_rows, 1.0)
+
+
+def relation_log_probs(
+    x: torch.Tensor,
+    num_heads: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    r"""MiniLMv2 self-relation log-probabilities.
+
+    ``x`` ``(B, T, D)`` (e.g. the concatenated queries, keys or values of all heads) is split
+    into ``num_heads`` relation heads :math:`X_h` of width :math:`d_r = D / \text{num\_heads}`:
+
+    .. math::
+        R_h = \operatorname{softmax}\big(X_h X_h^\top / \sqrt{d_r}\big)
+        \quad\text{over the valid keys.}
+
+    Returns ``(B, num_heads, T, T)`` fp32 log-probabilities (see :func:`attention_log_probs`
+    for masking). Teacher and student may have different ``D`` as long as both use the same
+    ``num_heads``; compare them with :func:`attention_kl`.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, T, D), got {tuple(x.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    b, t, dim = x.shape
+    if dim % num_heads != 0:
+        raise ValueError(f"hidden width D={dim} is not divisible by num_heads={num_heads}")
+    d_r = dim // num_heads
+    xh = x.reshape(b, t, num_heads, d_r).transpose(1, 2)
+    return attention_log_probs(
+        xh, xh, scale=1.0 / math.sqrt(d_r), attention_mask=attention_mask, causal=causal
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# hidden states
+# --------------------------------------------------------------------------------------------
+
+
+def hidden_mse(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Masked mean squared error between hidden states ``(B, T, D)`` (student already mapped
+    to the teacher width): :math:`\frac{1}{n_\text{valid} D}\sum_{b,t:\,M_{bt}=1}
+    \lVert s_{bt} - t_{bt} \rVert^2`. Scalar fp32."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} hidden states "
+            "must have the same shape (map the student to the teacher width first)"
+        )
+    s = student.float()
+    t = teacher.float()
+    if attention_mask is not None:
+        if s.dim() < 2:
+            raise ValueError(f"hidden states must be (B, T, D), got {tuple(s.shape)}")
+        m = _as_bool_mask(attention_mask, tuple(s.shape[:2]), "attention_mask").to(s.device)
+        m = m.reshape(m.shape + (1,) * (s.dim() - 2))
+        s = torch.where(m, s, 0.0)
+        t = torch.where(m, t, 0.0)
+    return masked_mean((s - t).square(), attention_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# output distributions
+# --------------------------------------------------------------------------------------------
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1).clamp_min(MASK_VALUE)
+
+
+def _kl_rows(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """Row-wise KL(a || b) from log-probabilities ``(N, V)`` -> ``(N,)``."""
+    return (logp_a.exp() * (logp_a - logp_b)).sum(-1)
+
+
+def _divergence_sum(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    kind: str,
+    beta: float,
+) -> torch.Tensor:
+    """Sum over rows of the divergence between ``(N, V)`` logits (all fp32 inside)."""
+    ls = _log_probs(student, temperature)
+    lt = _log_probs(teacher, temperature)
+    if kind == "forward":
+        rows = _kl_rows(lt, ls)
+    elif kind == "reverse":
+        rows = _kl_rows(ls, lt)
+    else:
+        log_m = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+        rows = beta * _kl_rows(lt, log_m) + (1.0 - beta) * _kl_rows(ls, log_m)
+    return rows.sum()
+
+
+def kd_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    kind: DivergenceKind = "forward",
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""Temperature-scaled divergence between teacher and student output distributions.
+
+    With :math:`p_T = \operatorname{softmax}(z_T/\tau)` and
+    :math:`p_S = \operatorname{softmax}(z_S/\tau)`:
+
+    * ``"forward"``: :math:`\tau^2\,\mathrm{KL}(p_T \| p_S)`;
+    * ``"reverse"``: :math:`\tau^2\,\mathrm{KL}(p_S \| p_T)`;
+    * ``"jsd"``: generalized JSD,
+      :math:`\tau^2\,[\beta\,\mathrm{KL}(p_T \| m) + (1-\beta)\,\mathrm{KL}(p_S \| m)]` with
+      :math:`m = \beta p_T + (1-\beta) p_S` (``log m`` via ``logaddexp``), ``0 < beta < 1``.
+
+    Args:
+        student_logits, teacher_logits: same shape, ``(B, C)`` per example or ``(B, T, V)``
+            per token. The teacher is not detached here (detach it yourself if needed).
+        temperature: :math:`\tau > 0`.
+        kind: ``"forward"``, ``"reverse"`` or ``"jsd"``.
+        beta: JSD mixture weight of the teacher, in ``(0, 1)``; ignored for the KLs.
+        mask: ``logits.shape[:-1]`` (``(B, T)`` for per-token logits), 1 = valid row.
+        chunk_size: process the valid rows in chunks of at most this many rows; each chunk is
+            checkpointed, so neither forward nor backward holds more than one chunk of fp32
+            probabilities. Same value and gradients as unchunked (up to float summation order).
+
+    Returns:
+        Scalar fp32: the mean over examples / valid tokens (``0`` when there is none). Logits
+        of masked rows are never read (they get exactly zero gradient); ``-inf`` logits are
+        allowed (their log-probability is floored at :data:`MASK_VALUE`).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
+    if student_logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be (B, C) or (B, T, V), got {tuple(student_logits.shape)}")
+    _check_positive(temperature, "temperature")
+    if kind not in ("forward", "reverse", "jsd"):
+        raise ValueError(f"kind must be 'forward', 'reverse' or 'jsd', got {kind!r}")
+    if kind == "jsd" and not (isinstance(beta, int | float) and 0.0 < beta < 1.0):
+        raise ValueError(f"beta must be in the open interval (0, 1) for kind='jsd', got {beta!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    vocab = student_logits.shape[-1]
+    s_rows = student_logits.reshape(-1, vocab)
+    t_rows = teacher_logits.reshape(-1, vocab)
+    if mask is not None:
+        m = _as_bool_mask(mask, tuple(student_logits.shape[:-1]), "mask")
+        m = m.reshape(-1).to(s_rows.device)
+        s_rows = s_rows[m]
+        t_rows = t_rows[m]
+    n_rows = s_rows.shape[0]
+    fn = partial(_divergence_sum, temperature=temperature, kind=kind, beta=float(beta))
+
+    if chunk_size is None or n_rows <= chunk_size:
+        total = fn(s_rows, t_rows)
+    else:
+        use_ckpt = torch.is_grad_enabled() and (s_rows.requires_grad or t_rows.requires_grad)
+        total = s_rows.new_zeros((), dtype=torch.float32)
+        for s_chunk, t_chunk in zip(
+            torch.split(s_rows, chunk_size), torch.split(t_rows, chunk_size), strict=True
+        ):
+            if use_ckpt:
+                part = checkpoint(fn, s_chunk, t_chunk, use_reentrant=False)
+            else:
+                part = fn(s_chunk, t_chunk)
+            total = total + part
+    return total * (temperature**2) / max(n_rows, 1)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    r"""Cross-entropy :math:`-\frac{1}{n}\sum_{\text{valid}} \log \operatorname{softmax}(z)_y`
+    in fp32.
+
+    Args:
+        logits: ``(B, C)`` or ``(B, T, V)``. No shifting is done (see
+            :func:`shift_for_causal_lm`).
+        labels: ``(B,)`` or ``(B, T)`` integer class ids.
+        mask: ``labels.shape``, 1 = valid; combined with ``labels != ignore_index``.
+        ignore_index: label value to skip.
+
+    Returns:
+        Scalar fp32 mean over valid positions (``0`` when there is none). Invalid rows are
+        never read and get exactly zero gradient.
+    """
+    if logits.dim() not in (2, 3) or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"logits (B, C) / (B, T, V) and labels (B,) / (B, T) do not match: "
+            f"{tuple(logits.shape)} vs {tuple(labels.shape)}"
+        )
+    valid = labels != ignore_index
+    if mask is not None:
+        valid = valid & _as_bool_mask(mask, tuple(labels.shape), "mask").to(labels.device)
+    rows = logits.reshape(-1, logits.shape[-1])[valid.reshape(-1)].float()
+    targets = labels.reshape(-1)[valid.reshape(-1)].long()
+    total = F.cross_entropy(rows, targets, reduction="sum")
+    return total / max(rows.shape[0], 1)
+
+
+def shift_for_causal_lm(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Align ``(B, T, V)`` logits with next-token labels ``(B, T)``.
+
+    Returns ``(logits[:, :-1], labels[:, 1:], mask')`` where ``mask'[:, t]`` is true iff both
+    the input token ``t`` and the target token ``t + 1`` are real (so with left padding the
+    first real token is not predicted from a pad position); ``mask'`` is ``None`` if ``mask``
+    is. Views, no copies.
+    """
+    if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    shifted_mask = None
+    if mask is not None:
+        m = _as_bool_mask(mask, tuple(labels.shape), "mask")
+        shifted_mask = m[:, :-1] & m[:, 1:]
+    return logits[:, :-1], labels[:, 1:], shifted_mask
