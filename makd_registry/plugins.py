@@ -33,7 +33,14 @@ DISABLE_AUTOLOAD_ENV = "MAKD_DISABLE_PLUGIN_AUTOLOAD"
 DISABLED_PLUGINS_ENV = "MAKD_DISABLED_PLUGINS"
 
 #: Modules registered before any third-party plugin, through the same hooks.
-BUILTIN_PLUGINS: tuple[str, ...] = ("makd_plugins.combinators",)
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "makd_plugins.combinators",
+    "makd_plugins.attention_kl",
+    "makd_plugins.hidden_mse",
+    "makd_plugins.matrix",
+    "makd_plugins.logits_kd",
+    "makd_plugins.seqkd",
+)
 
 
 class MakdPluginManager(pluggy.PluginManager):
@@ -96,9 +103,7 @@ def _describe(exc: BaseException) -> str:
 def _env_disabled() -> tuple[bool, set[str]]:
     flag = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip()
     disabled_all = flag not in ("", "0", "false", "False", "no")
-    names = {
-        n.strip() for n in os.environ.get(DISABLED_PLUGINS_ENV, "").split(",") if n.strip()
-    }
+    names = {n.strip() for n in os.environ.get(DISABLED_PLUGINS_ENV, "").split(",") if n.strip()}
     return disabled_all, names
 
 
@@ -168,9 +173,7 @@ class _ConflictError(PluginError):
     pass
 
 
-def make_registry(
-    pm: MakdPluginManager | None = None, *, strict: bool = True
-) -> AspectRegistry:
+def make_registry(pm: MakdPluginManager | None = None, *, strict: bool = True) -> AspectRegistry:
     """Collect every plugin's aspects into an :class:`AspectRegistry`.
 
     Each plugin's ``makd_register_aspects`` runs on its own: one that raises is recorded
@@ -205,9 +208,7 @@ def make_registry(
                 raise
             stage = "conflict" if isinstance(exc, _ConflictError) else "register"
             message = str(exc) if isinstance(exc, PluginError) else _describe(exc)
-            registry.failures.append(
-                PluginFailure(info.name, info.distribution, stage, message)
-            )
+            registry.failures.append(PluginFailure(info.name, info.distribution, stage, message))
     conflicts = [f for f in registry.failures if f.stage == "conflict"]
     if strict and conflicts:
         raise PluginError("\n".join(f.error for f in conflicts))

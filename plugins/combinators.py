@@ -1,4 +1,4 @@
-"""Combinators: ``sum`` (named, weighted, nestable terms) and ``stages`` (ordered sub-objectives)."""
+"""Combinators: ``sum`` (named, weighted, nestable terms), ``stages`` (ordered sub-objectives)."""
 
 from __future__ import annotations
 
