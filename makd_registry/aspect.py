@@ -156,13 +156,9 @@ def check_aspect_class(cls: Any) -> None:
     import re
 
     if not re.match(r"^[a-z][a-z0-9_]*$", cls.name):
-        raise TypeError(
-            f"aspect name {cls.name!r} of {cls.__qualname__} must be lower_snake_case"
-        )
+        raise TypeError(f"aspect name {cls.name!r} of {cls.__qualname__} must be lower_snake_case")
     if not (isinstance(cls.Config, type) and issubclass(cls.Config, AspectConfig)):
-        raise TypeError(
-            f"aspect {cls.name!r}: Config must subclass makd_registry.AspectConfig"
-        )
+        raise TypeError(f"aspect {cls.name!r}: Config must subclass makd_registry.AspectConfig")
     if not cls.is_combinator and cls.loss is Aspect.loss:
         raise TypeError(f"aspect {cls.name!r} ({cls.__qualname__}) does not implement loss()")
 
@@ -179,7 +175,10 @@ def _validate_node(value: Any, handler: Any, info: ValidationInfo) -> AspectConf
     kind = value.get("type")
     if kind is None:
         raise_at(
-            (), "missing_type", "missing 'type' (registered aspects: {known})", value,
+            (),
+            "missing_type",
+            "missing 'type' (registered aspects: {known})",
+            value,
             known=", ".join(registry.names()),
         )
     if not isinstance(kind, str):
@@ -205,6 +204,4 @@ def _validate_node(value: Any, handler: Any, info: ValidationInfo) -> AspectConf
 NODE_SCHEMA_MARKER = {"x-makd-node": True}
 
 #: The annotated type of a field holding a child objective node (as in ``sum.terms``).
-AspectNode = Annotated[
-    Any, WrapValidator(_validate_node), WithJsonSchema(NODE_SCHEMA_MARKER)
-]
+AspectNode = Annotated[Any, WrapValidator(_validate_node), WithJsonSchema(NODE_SCHEMA_MARKER)]

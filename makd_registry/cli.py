@@ -24,7 +24,9 @@ _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # piped output is data: never cut or wrap it to a guessed terminal width
+    width = None if sys.stdout.isatty() else 1000
+    return Console(highlight=False, soft_wrap=True, width=width)
 
 
 def _print_failures(registry: Any) -> None:
@@ -165,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"makd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("validate", help="check objective files; report every error with its location")
+    p = sub.add_parser(
+        "validate", help="check objective files; report every error with its location"
+    )
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_validate)
 

@@ -47,8 +47,14 @@ def _unique_pairs(pairs: list[LayerPair]) -> list[LayerPair]:
     seen: set[LayerPair] = set()
     for i, p in enumerate(pairs):
         if p in seen:
-            raise_at((i,), "duplicate_pair", "layer pair [{s}, {t}] is listed twice", list(p),
-                     s=p[0], t=p[1])
+            raise_at(
+                (i,),
+                "duplicate_pair",
+                "layer pair [{s}, {t}] is listed twice",
+                list(p),
+                s=p[0],
+                t=p[1],
+            )
         seen.add(p)
     return pairs
 
@@ -190,8 +196,11 @@ def _validate_mapping(value: Any, handler: Any, info: ValidationInfo) -> _Mappin
             raise PydanticCustomError(
                 "unknown_mapping",
                 "unknown layer mapping '{name}'{hint} (known: {known})",
-                {"name": value, "hint": suggest(value, list(MAPPING_TYPES)),
-                 "known": ", ".join(MAPPING_TYPES)},
+                {
+                    "name": value,
+                    "hint": suggest(value, list(MAPPING_TYPES)),
+                    "known": ", ".join(MAPPING_TYPES),
+                },
             )
         if cls is ExplicitMapping or cls is EveryKMapping:
             raise PydanticCustomError(
@@ -206,14 +215,21 @@ def _validate_mapping(value: Any, handler: Any, info: ValidationInfo) -> _Mappin
         kind = value.get("type")
         if kind is None:
             raise_at(
-                (), "missing_mapping_type", "a layer mapping needs 'type' (one of: {known})",
-                value, known=", ".join(MAPPING_TYPES),
+                (),
+                "missing_mapping_type",
+                "a layer mapping needs 'type' (one of: {known})",
+                value,
+                known=", ".join(MAPPING_TYPES),
             )
         cls = MAPPING_TYPES.get(kind) if isinstance(kind, str) else None
         if cls is None:
             raise_at(
-                ("type",), "unknown_mapping", "unknown layer mapping '{name}'{hint} (known: {known})",
-                kind, name=str(kind), hint=suggest(str(kind), list(MAPPING_TYPES)),
+                ("type",),
+                "unknown_mapping",
+                "unknown layer mapping '{name}'{hint} (known: {known})",
+                kind,
+                name=str(kind),
+                hint=suggest(str(kind), list(MAPPING_TYPES)),
                 known=", ".join(MAPPING_TYPES),
             )
         return cls.model_validate(value, context=info.context)
@@ -227,8 +243,12 @@ def _validate_mapping(value: Any, handler: Any, info: ValidationInfo) -> _Mappin
 
 def _mapping_json_schema() -> dict[str, Any]:
     named = [k for k, m in MAPPING_TYPES.items() if m not in (ExplicitMapping, EveryKMapping)]
-    pair = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 2,
-            "maxItems": 2}
+    pair = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0},
+        "minItems": 2,
+        "maxItems": 2,
+    }
     return {
         "description": "Teacher→student layer mapping.",
         "anyOf": [

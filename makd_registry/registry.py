@@ -62,7 +62,9 @@ class AspectRegistry:
         try:
             check_aspect_class(cls)
         except TypeError as exc:
-            raise PluginError(f"plugin '{plugin.name}' registered an invalid aspect: {exc}") from None
+            raise PluginError(
+                f"plugin '{plugin.name}' registered an invalid aspect: {exc}"
+            ) from None
         existing = self.entries.get(cls.name)
         if existing is not None:
             if existing.cls is cls and existing.plugin.name == plugin.name:

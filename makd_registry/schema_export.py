@@ -61,8 +61,12 @@ def objective_json_schema(registry: AspectRegistry) -> dict[str, Any]:
 
 def _replace_markers(node: Any) -> Any:
     if isinstance(node, dict):
-        if node.get("x-makd-node") is True and set(node) <= {*NODE_SCHEMA_MARKER, "description",
-                                                              "title", "default"}:
+        if node.get("x-makd-node") is True and set(node) <= {
+            *NODE_SCHEMA_MARKER,
+            "description",
+            "title",
+            "default",
+        }:
             out = {"$ref": f"#/$defs/{NODE_DEF}"}
             if "description" in node:
                 out["description"] = node["description"]

@@ -19,7 +19,11 @@ def raise_at(
     """
     raise ValidationError.from_exception_data(
         "makd",
-        [InitErrorDetails(type=PydanticCustomError(code, message, ctx or None), loc=loc, input=value)],
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(code, message, ctx or None), loc=loc, input=value
+            )
+        ],
     )
 
 
@@ -39,14 +43,15 @@ class StrictModel(BaseModel):
     def _reject_unknown_keys(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        allowed = sorted(
-            {f.alias or name for name, f in cls.model_fields.items()}
-        )
+        allowed = sorted({f.alias or name for name, f in cls.model_fields.items()})
         for key in data:
             if key not in allowed:
                 if not isinstance(key, str):
                     raise_at(
-                        (str(key),), "key_type", "keys must be strings, not {kind}", key,
+                        (str(key),),
+                        "key_type",
+                        "keys must be strings, not {kind}",
+                        key,
                         kind=type(key).__name__,
                     )
                 raise_at(

@@ -38,4 +38,4 @@ def test_bad_file_reports_one_located_error(path, capsys):
     assert "Traceback" not in captured.err
     prefix = f"{path}:{line}:{col}: {where}: "
     assert lines[0].startswith(prefix), f"\nexpected prefix {prefix}\ngot {lines[0]}"
-    assert lines[0][len(prefix):].startswith(message), lines[0]
+    assert lines[0][len(prefix) :].startswith(message), lines[0]

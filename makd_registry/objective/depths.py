@@ -33,6 +33,15 @@ def is_path_like(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
 
 
+#: file extensions that make a data reference a local file rather than a hub dataset name
+DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".txt", ".raw", ".parquet")
+
+
+def is_local_data(ref: str) -> bool:
+    """Whether a data reference names a local file (else it is a hub dataset name)."""
+    return is_path_like(ref) or ref.lower().endswith(DATA_SUFFIXES)
+
+
 def local_model_dir(ref: str, base: Path) -> Path | None:
     """The local directory ``ref`` names (relative to ``base``), or None for a hub id."""
     candidate = (base / Path(ref).expanduser()).resolve()
@@ -52,7 +61,9 @@ def depth_from_model(ref: str, base: Path) -> int | None:
         return None
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise DepthError(f"{directory} has no config.json: it is not a transformers model directory")
+        raise DepthError(
+            f"{directory} has no config.json: it is not a transformers model directory"
+        )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

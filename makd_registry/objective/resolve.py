@@ -22,7 +22,7 @@ from ..errors import Diagnostic, ObjectiveError, PluginError
 from ..features import FeatureRequest
 from ..mapping import LayerPair, MappingError
 from ..registry import AspectRegistry
-from .depths import DepthError, depth_from_config, depth_from_model
+from .depths import DepthError, depth_from_config, depth_from_model, is_local_data
 from .sections import ObjectiveFile
 from .source import Path as YPath
 from .source import SourceMap, load_yaml
@@ -60,7 +60,9 @@ def load_objective(path: str | Path, registry: AspectRegistry) -> ResolvedObject
     except FileNotFoundError:
         raise ObjectiveError([Diagnostic(1, 1, "<file>", "no such file", str(path))]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ObjectiveError([Diagnostic(1, 1, "<file>", f"cannot read: {exc}", str(path))]) from None
+        raise ObjectiveError(
+            [Diagnostic(1, 1, "<file>", f"cannot read: {exc}", str(path))]
+        ) from None
     return resolve_text(text, str(path), registry, base_dir=path.resolve().parent)
 
 
@@ -141,6 +143,7 @@ class _Resolver:
         teacher_layers = self._teacher_depth()
         student_layers = self._student_depth(teacher_layers)
         self.depths = (student_layers, teacher_layers)
+        self._check_data_files()
         root = self._build(self.spec.objective, ("objective",), None, "", is_root=True)
         if self.diags:
             raise ObjectiveError(self.diags)
@@ -188,6 +191,18 @@ class _Resolver:
             seen.add(layer)
         return len(student.teacher_layers)
 
+    def _check_data_files(self) -> None:
+        data = self.spec.data
+        if data is None:
+            return
+        for key in ("train", "validation"):
+            ref = getattr(data, key)
+            if ref is None or not is_local_data(ref):
+                continue
+            path = (self.base_dir / Path(ref).expanduser()).resolve()
+            if not path.is_file():
+                self.error(("data", key), f"data file {path} does not exist")
+
     # -- the tree ----------------------------------------------------------------------
 
     def _build(
@@ -214,7 +229,10 @@ class _Resolver:
                 self.error((*path, "type"), "'stages' can only be the root of the objective")
             for i, stage in enumerate(config.stages):  # type: ignore[attr-defined]
                 child = self._build(
-                    stage.objective, (*path, "stages", i, "objective"), None, qual,
+                    stage.objective,
+                    (*path, "stages", i, "objective"),
+                    None,
+                    qual,
                     qual_name=stage.name,
                 )
                 if child is not None:

@@ -71,9 +71,7 @@ class StudentSection(StrictModel):
         return self
 
 
-Task = Literal[
-    "classification", "pair_classification", "qa", "causal_lm", "instruction"
-]
+Task = Literal["classification", "pair_classification", "qa", "causal_lm", "instruction"]
 
 
 class DataSection(StrictModel):

@@ -118,11 +118,13 @@ class _Builder:
         raise ObjectiveError([self.smap.diagnostic(path, f"unsupported YAML node {node.tag}")])
 
     def _mapping(self, node: yaml.MappingNode, path: Path) -> dict[str, Any]:
+        own = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
         try:
-            self.loader.flatten_mapping(node)  # resolves '<<' merge keys
+            self.loader.flatten_mapping(node)  # resolves '<<' merge keys (merged pairs first)
         except yaml.constructor.ConstructorError as exc:
             raise ObjectiveError([self.smap.diagnostic(path, str(exc.problem))]) from None
         out: dict[Any, Any] = {}
+        written: set[Any] = set()  # keys written in this mapping itself, not merged in
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise ObjectiveError(
@@ -132,7 +134,8 @@ class _Builder:
             if not isinstance(key, (str, int)) or isinstance(key, bool):
                 key = str(key_node.value)
             child = (*path, key)
-            if key in out:
+            is_own = id(key_node) in own
+            if key in written and is_own:
                 first_line, _ = self.smap.keys[child]
                 raise ObjectiveError(
                     [
@@ -143,7 +146,9 @@ class _Builder:
                         )
                     ]
                 )
-            self.smap.keys[child] = _mark(key_node)
+            if is_own:
+                written.add(key)
+            self.smap.keys[child] = _mark(key_node)  # an own key overrides a merged one
             out[key] = self.build(value_node, child)
         return out
 
