@@ -17,7 +17,9 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
@@ -50,6 +52,26 @@ DivergenceKind = Literal["forward", "reverse", "jsd"]
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _fp32(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run ``fn`` with autocast disabled on the device of its first tensor argument.
+
+    Casting inputs with ``.float()`` is not enough inside an autocast region: autocast
+    would still run the matmuls in fp16/bf16. The models' forwards stay autocast; the losses
+    computed from their features do not.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> torch.Tensor:
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        device = tensor.device.type if tensor is not None else "cpu"
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device_type=device, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _as_bool_mask(mask: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
@@ -88,6 +110,7 @@ def _key_validity(
 # --------------------------------------------------------------------------------------------
 
 
+@_fp32
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     r"""Mean of ``values`` over valid tokens and all trailing elements, in fp32.
 
@@ -124,6 +147,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 # --------------------------------------------------------------------------------------------
 
 
+@_fp32
 def attention_log_probs(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -194,6 +218,7 @@ def attention_log_probs(
     return F.log_softmax(scores, dim=-1)
 
 
+@_fp32
 def probs_to_log_probs(
     probs: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -231,6 +256,7 @@ def probs_to_log_probs(
 # --------------------------------------------------------------------------------------------
 
 
+@_fp32
 def attention_kl(
     teacher_logp: torch.Tensor,
     student_logp: torch.Tensor,
@@ -298,6 +324,7 @@ def attention_kl(
     return total / max(n_rows, 1.0)
 
 
+@_fp32
 def relation_log_probs(
     x: torch.Tensor,
     num_heads: int,
@@ -337,6 +364,7 @@ def relation_log_probs(
 # --------------------------------------------------------------------------------------------
 
 
+@_fp32
 def hidden_mse(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -396,6 +424,7 @@ def _divergence_sum(
     return rows.sum()
 
 
+@_fp32
 def kd_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -477,6 +506,7 @@ def kd_divergence(
     return total * (temperature**2) / max(n_rows, 1)
 
 
+@_fp32
 def cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
