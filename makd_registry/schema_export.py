@@ -27,9 +27,10 @@ def objective_json_schema(registry: AspectRegistry) -> dict[str, Any]:
     refs, top = models_json_schema(models, ref_template="#/$defs/{model}")
     defs: dict[str, Any] = top.get("$defs", {})
 
+    renames = _readable_names(entries, refs)
     variants = []
     for entry in entries:
-        ref = refs[(entry.cls.Config, "validation")]["$ref"]
+        ref = renames.get(refs[(entry.cls.Config, "validation")]["$ref"])
         variants.append(
             {
                 "title": entry.name,
@@ -56,7 +57,39 @@ def objective_json_schema(registry: AspectRegistry) -> dict[str, Any]:
         **root,
         "$defs": defs,
     }
-    return _replace_markers(schema)
+    return _replace_markers(_rename_refs(schema, renames))
+
+
+def _readable_names(entries: list[Any], refs: dict[Any, Any]) -> dict[str, str]:
+    """``#/$defs/makd_plugins__matrix__MHAMatrix__Config`` → ``#/$defs/aspect.mha_matrix``."""
+    owners: dict[str, list[str]] = {}
+    for entry in entries:
+        owners.setdefault(refs[(entry.cls.Config, "validation")]["$ref"], []).append(entry.name)
+    return {
+        ref: f"#/$defs/aspect.{names[0]}" if len(names) == 1 else ref
+        for ref, names in owners.items()
+    }
+
+
+def _rename_refs(node: Any, renames: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "$ref" and value in renames:
+                out[key] = renames[value]
+            elif key == "$defs":
+                out[key] = {
+                    renames.get(f"#/$defs/{k}", f"#/$defs/{k}").rsplit("/", 1)[-1]: _rename_refs(
+                        v, renames
+                    )
+                    for k, v in value.items()
+                }
+            else:
+                out[key] = _rename_refs(value, renames)
+        return out
+    if isinstance(node, list):
+        return [_rename_refs(v, renames) for v in node]
+    return node
 
 
 def _replace_markers(node: Any) -> Any:

@@ -134,3 +134,15 @@ def test_console_script_runs_as_a_process(tmp_path):
         proc.stderr.strip()
         == f"{bad}:4:3: objective.layers: duplicate key 'layers' (first defined on line 3)"
     )
+
+
+def test_schema_has_one_definition_per_aspect(capsys):
+    from makd_registry import make_registry
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    names = make_registry().names()
+    assert {f"aspect.{n}" for n in names} <= set(schema["$defs"])
+    assert [v["title"] for v in schema["$defs"]["AspectNode"]["oneOf"]] == names
+    temperature = schema["$defs"]["aspect.logits_kd"]["properties"]["temperature"]
+    assert temperature["exclusiveMinimum"] == 0
