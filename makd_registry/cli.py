@@ -115,10 +115,18 @@ def cmd_aspects(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    registry = _registry(strict=False)
+    from .models import make_architecture_registry
+    from .plugins import make_plugin_manager, make_registry
+
+    pm = make_plugin_manager()
+    registry = make_registry(pm, strict=False)
+    architectures = make_architecture_registry(pm)
     by_plugin: dict[str, list[str]] = {}
     for entry in registry:
         by_plugin.setdefault(entry.plugin.name, []).append(entry.name)
+    arch_by_plugin: dict[str, list[str]] = {}
+    for model_type, (_, info) in sorted(architectures.by_type.items()):
+        arch_by_plugin.setdefault(info.name, []).append(model_type)
     plugins = [
         {
             "name": info.name,
@@ -127,14 +135,69 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             "builtin": info.builtin,
             "module": info.module,
             "aspects": by_plugin.get(info.name, []),
+            "architectures": arch_by_plugin.get(info.name, []),
         }
         for info in registry.plugins
     ]
     failures = [
         {"name": f.plugin, "distribution": f.distribution, "stage": f.stage, "error": f.error}
-        for f in registry.failures
+        for f in [*registry.failures, *architectures.failures]
     ]
     print(json.dumps({"plugins": plugins, "failures": failures}, indent=2))
+    return 0
+
+
+def cmd_student(args: argparse.Namespace) -> int:
+    from .student_report import build_student_report
+
+    registry = _registry()
+    _print_failures(registry)
+    resolved = _load(args.file, registry)
+    report, models = build_student_report(resolved)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _out().print(_student_table(report))
+    if args.output:
+        from .models.serialization import save_student
+
+        record = {"recipe": models.recipe, "objective": str(args.file)}
+        save_student(models.student, args.output, tokenizer=models.tokenizer, record=record)
+        _err.print(f"wrote the student to {args.output}", markup=False)
+    return 0
+
+
+def _student_table(report: dict[str, Any]) -> Table:
+    table = Table(box=None, pad_edge=False)
+    for column in ("model", "total", "non-embedding", "embedding", "layers"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name in ("teacher", "student"):
+        row = report.get(name)
+        if row:
+            p = row["parameters"]
+            table.add_row(
+                f"{name} ({row['class']})",
+                f"{p['total']:,}",
+                f"{p['non_embedding']:,}",
+                f"{p['embedding']:,}",
+                str(row["layers"]),
+            )
+    if report.get("student_to_teacher_non_embedding") is not None:
+        table.caption = (
+            f"student/teacher non-embedding parameters: "
+            f"{report['student_to_teacher_non_embedding']:.1%}"
+        )
+        if report.get("factorization"):
+            table.caption += "; " + report["factorization"]["summary"]
+    return table
+
+
+def cmd_export_dense(args: argparse.Namespace) -> int:
+    from .models import make_architecture_registry
+    from .models.serialization import export_dense
+
+    target = export_dense(args.source, args.output, make_architecture_registry())
+    _err.print(f"wrote a dense copy of {args.source} to {target}", markup=False)
     return 0
 
 
@@ -161,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Knowledge distillation for Transformer language models: compose loss "
         "aspects in a YAML objective file.",
         epilog="exit codes: 0 ok, 1 internal error, 2 invalid objective or usage, "
-        "3 plugin failure, 4 runtime failure. Set MAKD_DISABLE_PLUGIN_AUTOLOAD=1 to skip "
+        "3 plugin failure, 4 runtime failure, 5 model, tokenizer or student problem. "
+        "Set MAKD_DISABLE_PLUGIN_AUTOLOAD=1 to skip "
         "third-party plugins, MAKD_DISABLED_PLUGINS=a,b to skip some.",
     )
     parser.add_argument("--version", action="version", version=f"makd {__version__}")
@@ -188,6 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="installed plugins and what they register (JSON)")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser(
+        "student",
+        help="build the objective's student (layer selection, factorization) and report "
+        "parameter counts; -o saves it",
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-o", "--output", metavar="DIR", help="save the student to DIR")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=cmd_student)
+
+    p = sub.add_parser(
+        "export-dense",
+        help="write a dense copy of a factorized student that plain transformers loads",
+    )
+    p.add_argument("source", metavar="STUDENT_DIR")
+    p.add_argument("-o", "--output", metavar="DIR", required=True)
+    p.set_defaults(func=cmd_export_dense)
 
     p = sub.add_parser("schema", help="JSON Schema of objective files, with installed plugins")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")

@@ -17,7 +17,8 @@ class ExitCode(IntEnum):
     INTERNAL = 1  #: an unexpected exception: a bug in makd or a plugin's aspect code
     INVALID_INPUT = 2  #: the objective file (or the command line) is wrong
     PLUGIN = 3  #: a plugin failed to load or registered something invalid
-    RUNTIME = 4  #: the run itself failed (model, data, training)
+    RUNTIME = 4  #: the run itself failed (training, device)
+    MODEL = 5  #: a model, tokenizer or student cannot be loaded, built, captured or saved
 
 
 class MakdError(Exception):

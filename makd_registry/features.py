@@ -91,14 +91,19 @@ class FeatureRequest:
     """One captured tensor an aspect needs.
 
     ``layer`` is a 0-based layer index for layer-wise kinds and ``None`` for model-wise
-    ones. ``on_teacher_input`` (student side, matrix features only) asks for the student's
-    module applied to the input the teacher's corresponding module received.
+    ones. ``teacher_input_layer`` (student side, matrix features only) asks for the
+    student's module at ``layer`` applied to the input that the teacher's same module at
+    teacher layer ``teacher_input_layer`` received.
     """
 
     side: Side
     feature: Feature
     layer: int | None = None
-    on_teacher_input: bool = False
+    teacher_input_layer: int | None = None
+
+    @property
+    def on_teacher_input(self) -> bool:
+        return self.teacher_input_layer is not None
 
     def __post_init__(self) -> None:
         if self.side not in SIDES:
@@ -114,26 +119,34 @@ class FeatureRequest:
         if feature is Feature.GENERATED and self.side != "teacher":
             raise ValueError("generated sequences come from the teacher only")
         if self.on_teacher_input and (self.side != "student" or feature not in MATRIX_FEATURES):
-            raise ValueError("on_teacher_input is for student-side matrix features only")
+            raise ValueError("teacher_input_layer is for student-side matrix features only")
+        if self.teacher_input_layer is not None and self.teacher_input_layer < 0:
+            raise ValueError(f"teacher_input_layer must be >= 0, not {self.teacher_input_layer}")
 
     def describe(self) -> str:
         where = "" if self.layer is None else f"@{self.layer}"
-        extra = " (on teacher input)" if self.on_teacher_input else ""
+        extra = f" (on teacher input @{self.teacher_input_layer})" if self.on_teacher_input else ""
         return f"{self.side}.{self.feature.value}{where}{extra}"
+
+
+def _sort_key(r: FeatureRequest) -> tuple[Any, ...]:
+    return (r.side, r.feature, r.layer if r.layer is not None else -1, r.teacher_input_layer or -1)
 
 
 def summarize(requests: Iterable[FeatureRequest]) -> dict[str, list[str]]:
     """Group requests per side as ``{"teacher": ["hidden@[1,3]", "logits"], ...}``."""
-    grouped: dict[tuple[Side, Feature, bool], list[int]] = {}
-    for r in sorted(set(requests)):
+    grouped: dict[tuple[Side, Feature, bool], list[str]] = {}
+    for r in sorted(set(requests), key=_sort_key):
         layers = grouped.setdefault((r.side, r.feature, r.on_teacher_input), [])
         if r.layer is not None:
-            layers.append(r.layer)
+            layers.append(
+                f"{r.layer}<-{r.teacher_input_layer}" if r.on_teacher_input else str(r.layer)
+            )
     out: dict[str, list[str]] = {side: [] for side in SIDES}
     for (side, feature, on_teacher), layers in grouped.items():
         text = feature.value
         if layers:
-            text += "@[" + ",".join(str(i) for i in layers) + "]"
+            text += "@[" + ",".join(layers) + "]"
         if on_teacher:
             text += " (on teacher input)"
         out[side].append(text)
@@ -172,8 +185,9 @@ class FeatureSet:
     student_features: Mapping[tuple[Feature, int | None], torch.Tensor] = field(
         default_factory=dict
     )
-    #: student matrix outputs computed on the teacher's module inputs
-    student_on_teacher_input: Mapping[tuple[Feature, int], torch.Tensor] = field(
+    #: student matrix outputs computed on the teacher's module inputs, keyed
+    #: (feature, student layer, teacher layer)
+    student_on_teacher_input: Mapping[tuple[Feature, int, int], torch.Tensor] = field(
         default_factory=dict
     )
     attention_mask: torch.Tensor | None = None
@@ -186,9 +200,10 @@ class FeatureSet:
 
     def get(self, request: FeatureRequest) -> torch.Tensor:
         """The tensor for ``request``; a ``KeyError`` naming it when it was not captured."""
-        key = (request.feature, request.layer)
+        key: tuple[Any, ...] = (request.feature, request.layer)
         if request.on_teacher_input:
             table: Mapping[Any, Any] = self.student_on_teacher_input
+            key = (request.feature, request.layer, request.teacher_input_layer)
         else:
             table = self.teacher_features if request.side == "teacher" else self.student_features
         try:
@@ -209,8 +224,16 @@ class FeatureSet:
         return self.get(FeatureRequest("teacher", Feature(feature), layer))
 
     def student(
-        self, feature: Feature | str, layer: int | None = None, *, on_teacher_input: bool = False
+        self,
+        feature: Feature | str,
+        layer: int | None = None,
+        *,
+        teacher_input_layer: int | None = None,
     ) -> torch.Tensor:
+        """The student's feature; with ``teacher_input_layer``, the student's module at
+        ``layer`` applied to the input of the teacher's module at that teacher layer."""
         return self.get(
-            FeatureRequest("student", Feature(feature), layer, on_teacher_input=on_teacher_input)
+            FeatureRequest(
+                "student", Feature(feature), layer, teacher_input_layer=teacher_input_layer
+            )
         )

@@ -21,6 +21,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .aspect import Aspect
+    from .models.adapter import ArchitectureAdapter
 
 PROJECT_NAME = "makd"
 
@@ -47,4 +48,37 @@ def makd_register_aspects(register: Callable[[type[Aspect]], None]) -> None:
         @hookimpl
         def makd_register_aspects(register):
             register(HiddenCosine)
+    """
+
+
+@hookspec
+def makd_register_architectures(register: Callable[[type[ArchitectureAdapter]], None]) -> None:
+    """Register architecture adapters: call ``register(AdapterClass)`` once for each.
+
+    An adapter class subclasses :class:`makd_registry.models.ArchitectureAdapter` and tells
+    makd where the layers, the attention projections, the feed-forward parts and the final
+    norm of one model family are (``model_types`` lists the ``config.model_type`` values it
+    handles). makd captures features and builds factorized or layer-selected students only
+    for models with an adapter. Two plugins claiming the same ``model_type`` is an error
+    that names both.
+
+    Example::
+
+        from makd_registry import hookimpl
+        from makd_registry.models import ArchitectureAdapter, LayerLayout
+
+        class MyModelAdapter(ArchitectureAdapter):
+            name = "mymodel"
+            model_types = ("mymodel",)
+            layers_path = "layers"
+            layout = LayerLayout(attention="attn", q="attn.q", k="attn.k", v="attn.v",
+                                 o="attn.out", ffn_in="mlp.fc1", ffn_act="mlp.act",
+                                 ffn_out="mlp.fc2")
+            heads = frozenset({"causal_lm"})
+
+        @hookimpl
+        def makd_register_architectures(register):
+            register(MyModelAdapter)
+
+    See ``docs/adapters.md`` for the whole contract.
     """

@@ -63,7 +63,11 @@ class _MatrixAspect(Aspect):
             for kind in self._selected():
                 feature = self.KINDS[kind][0]
                 out.append(FeatureRequest("teacher", feature, t))
-                out.append(FeatureRequest("student", feature, s, on_teacher_input=on_teacher))
+                out.append(
+                    FeatureRequest(
+                        "student", feature, s, teacher_input_layer=t if on_teacher else None
+                    )
+                )
         return out
 
     def build(self, teacher: ModelInfo, student: ModelInfo) -> None:
@@ -95,7 +99,9 @@ class _MatrixAspect(Aspect):
 
         feature = self.KINDS[kind][0]
         x_t = features.teacher(feature, t)
-        x_s = features.student(feature, s, on_teacher_input=self.config.input == "teacher")
+        x_s = features.student(
+            feature, s, teacher_input_layer=t if self.config.input == "teacher" else None
+        )
         mask = features.attention_mask
         if self.config.relation:
             r, causal = self.config.relation_heads, features.causal

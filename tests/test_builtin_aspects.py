@@ -173,9 +173,10 @@ def test_mha_matrix_teacher_input_uses_student_matrix_on_teacher_input():
     f = make_feature_set(aspect, SMALL, seed=0, batch=2, seq=3)
     assert f.student_on_teacher_input and not f.student_features
     shifted = {k: v + 1.0 for k, v in f.student_on_teacher_input.items()}
-    f.student_on_teacher_input = {k: f.teacher(k[0], k[1]) for k in shifted}
+    assert all(len(k) == 3 for k in shifted)  # (feature, student layer, teacher layer)
+    f.student_on_teacher_input = {k: f.teacher(k[0], k[2]) for k in shifted}
     assert aspect.loss(f).item() == pytest.approx(0.0, abs=1e-7)
-    f.student_on_teacher_input = {k: f.teacher(k[0], k[1]) + 1.0 for k in shifted}
+    f.student_on_teacher_input = {k: f.teacher(k[0], k[2]) + 1.0 for k in shifted}
     assert aspect.loss(f).item() == pytest.approx(1.0, rel=1e-6)
 
 

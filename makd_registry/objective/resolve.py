@@ -178,6 +178,11 @@ class _Resolver:
 
     def _student_depth(self, teacher_layers: int | None) -> int | None:
         student = self.spec.student
+        if student is not None and student.factorize is not None:
+            self._check_factorized_layers(student, teacher_layers)
+        if student is not None and student.factorize is not None and student.model is None:
+            if student.teacher_layers is None:
+                return teacher_layers  # a factorized copy of the teacher
         if student is None or student.teacher_layers is None:
             return self._depth("student")
         seen: set[int] = set()
@@ -190,6 +195,24 @@ class _Resolver:
                 self.error(where, f"teacher layer {layer} is selected twice")
             seen.add(layer)
         return len(student.teacher_layers)
+
+    def _check_factorized_layers(self, student: Any, teacher_layers: int | None) -> None:
+        layers = student.factorize.layers
+        if layers is None:
+            return
+        if student.teacher_layers is not None:
+            depth: int | None = len(student.teacher_layers)
+        elif student.model is not None:
+            depth = self._depth("student")
+        else:
+            depth = teacher_layers
+        for i, layer in enumerate(layers):
+            if layer < 0 or (depth is not None and layer >= depth):
+                bound = f" (0..{depth - 1})" if depth is not None else ""
+                self.error(
+                    ("student", "factorize", "layers", i),
+                    f"student layer {layer} does not exist{bound}",
+                )
 
     def _check_data_files(self) -> None:
         data = self.spec.data

@@ -42,10 +42,54 @@ class TeacherSection(StrictModel):
         description="An inline transformers config (with model_type) for a model built "
         "from scratch, e.g. a tiny test model.",
     )
+    tokenizer: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A local tokenizer directory or hub id (default: the model's own).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherSection:
         _exactly_one(self, ("model", "config"))
+        return self
+
+
+FactorizeModule = Literal[
+    "attention", "ffn", "q", "k", "v", "o", "ffn_in", "ffn_gate", "ffn_up", "ffn_out"
+]
+
+
+class FactorizeSection(StrictModel):
+    """Low-rank factorization of the student's projections (MaKD reading A)."""
+
+    modules: list[FactorizeModule] = Field(
+        default=["attention", "ffn"],
+        min_length=1,
+        description="Projections to factorize: attention (Q, K, V, O), ffn, or single roles.",
+    )
+    rank: int | Literal["full"] | None = Field(
+        default=None,
+        description="Rank of every factorized matrix ('full': each matrix's full rank).",
+    )
+    budget: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Fraction of the non-embedding parameters to keep; the largest uniform "
+        "rank that fits is solved for.",
+    )
+    layers: list[int] | None = Field(
+        default=None, min_length=1, description="Layers to factorize (default: all)."
+    )
+
+    @model_validator(mode="after")
+    def _rank_or_budget(self) -> FactorizeSection:
+        if (self.rank is None) == (self.budget is None):
+            where = ("budget",) if self.rank is not None else ()
+            raise_at(where, "rank_or_budget", "give exactly one of 'rank' and 'budget'", None)
+        if isinstance(self.rank, int) and self.rank < 1:
+            raise_at(("rank",), "rank_positive", "rank must be at least 1", self.rank)
         return self
 
 
@@ -64,10 +108,31 @@ class StudentSection(StrictModel):
         description="Build the student from the teacher by keeping these teacher layers "
         "(0-based, DistilBERT-style initialisation).",
     )
+    factorize: FactorizeSection | None = Field(
+        default=None,
+        description="Replace projections by SVD-initialised low-rank factors; alone, the "
+        "student is a factorized copy of the teacher.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A local tokenizer directory or hub id (default: the model's own, or "
+        "the teacher's).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentSection:
-        _exactly_one(self, ("model", "config", "teacher_layers"))
+        sources = ("model", "config", "teacher_layers")
+        if self.factorize is not None and self.config is not None:
+            raise_at(
+                ("factorize",),
+                "factorize_needs_weights",
+                "factorize starts from trained weights: use it alone (a copy of the "
+                "teacher), with teacher_layers, or with model",
+                None,
+            )
+        if self.factorize is None or any(getattr(self, f) is not None for f in sources):
+            _exactly_one(self, sources)
         return self
 
 

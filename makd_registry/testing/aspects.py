@@ -1,4 +1,4 @@
-"""Helpers for testing makd plugins (and makd itself) without installing anything.
+"""Helpers for testing aspect plugins (re-exported by :mod:`makd_registry.testing`).
 
 Third-party aspect authors can use these in their own test suites::
 
@@ -22,13 +22,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from . import hookimpl
-from .aspect import Aspect
-from .errors import Diagnostic, ObjectiveError
-from .features import Feature, ModelInfo
-from .objective import ResolvedObjective, resolve_text
-from .plugins import MakdPluginManager, make_plugin_manager, make_registry
-from .registry import AspectRegistry
+from .. import hookimpl
+from ..aspect import Aspect
+from ..errors import Diagnostic, ObjectiveError
+from ..features import Feature, ModelInfo
+from ..objective import ResolvedObjective, resolve_text
+from ..plugins import MakdPluginManager, make_plugin_manager, make_registry
+from ..registry import AspectRegistry
 
 
 def plugin_for(*aspects: type[Aspect], name: str = "test-plugin") -> Any:
@@ -144,7 +144,7 @@ def make_feature_set(
     """
     import torch
 
-    from .features import FeatureSet
+    from ..features import FeatureSet
 
     student = student or teacher
     gen = torch.Generator().manual_seed(seed)
@@ -181,13 +181,17 @@ def make_feature_set(
         if r.side != "student":
             continue
         key = (r.feature, r.layer)
-        twin = (r.feature, pair_of.get(r.layer) if r.layer is not None else None)
+        t_layer = r.teacher_input_layer if r.on_teacher_input else pair_of.get(r.layer)
+        twin = (r.feature, t_layer if r.layer is not None else None)
         value = (
             teacher_features[twin].clone()
             if equal and twin in teacher_features
             else tensor(r.feature, student)
         )
-        (on_teacher if r.on_teacher_input else student_features)[key] = value
+        if r.on_teacher_input:
+            on_teacher[(r.feature, r.layer, r.teacher_input_layer)] = value
+        else:
+            student_features[key] = value
     labels_shape = feature_shape(Feature.GENERATED, student, batch, seq)
     high = student.num_labels if len(labels_shape) == 1 else student.vocab_size
     labels = torch.randint(0, high or 2, labels_shape, generator=gen)
