@@ -41,10 +41,11 @@ def _registry(*, strict: bool = True) -> Any:
 
 
 def _load(path: str, registry: Any) -> Any:
+    from .models import make_architecture_registry
     from .objective import load_objective
 
     try:
-        return load_objective(path, registry)
+        return load_objective(path, registry, architectures=make_architecture_registry())
     except ObjectiveError as exc:
         failed = set(registry.failed_plugins())
         if failed and any("failed to load" in d.message for d in exc.diagnostics):

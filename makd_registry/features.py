@@ -33,7 +33,8 @@ class Feature(StrEnum):
     EMBEDDINGS = "embeddings"
     #: (B, T, D) output hidden state of a layer.
     HIDDEN = "hidden"
-    #: (B, H, T, T) attention probabilities; only from eager attention, prefer Q/K.
+    #: (B, H, T, T) attention probabilities, computed by the capture from the captured Q and K
+    #: (equal to eager attention's; the model keeps its fast attention). Q/K are cheaper.
     ATTENTION_PROBS = "attention_probs"
     #: (B, H, T, d) queries as the attention uses them (after RoPE where the model applies it).
     ATTENTION_QUERY = "attention_query"
@@ -57,7 +58,8 @@ class Feature(StrEnum):
     FFN_UP = "ffn_up"
     #: (B, T, D) output of the FFN block's last Linear (before residual and norm).
     FFN_OUTPUT = "ffn_output"
-    #: (B, C) classification logits, or (B, T, V) language-model logits; no layer index.
+    #: (B, C) classification logits, (B, T, V) language-model logits, or (B, 2, T) start and
+    #: end logits of extractive QA; no layer index.
     LOGITS = "logits"
     #: teacher-generated sequences (B, T_gen) token ids, or (B,) pseudo-labels; teacher only.
     GENERATED = "generated"

@@ -202,19 +202,20 @@ def attention_log_probs(
     elif not (isinstance(scale, int | float) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
-    q = query.float()
+    # scale the (B, H, T, d) queries rather than the (B, H, T, T) scores: T/d times cheaper
+    q = query.float() * (scale / temperature)
     k = key.float()
     if attention_mask is not None:
         pad = ~_as_bool_mask(attention_mask, (b, t), "attention_mask").to(q.device)
         pad = pad[:, None, :, None]
-        q = q.masked_fill(pad, 0.0)
+        q = q.masked_fill_(pad, 0.0)  # q is a fresh tensor here
         k = k.masked_fill(pad, 0.0)
     if hkv != h:
         k = k.repeat_interleave(h // hkv, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale / temperature)
+    scores = torch.matmul(q, k.transpose(-1, -2))
     valid = _key_validity(b, t, attention_mask, causal, q.device)
     if valid is not None:
-        scores = scores.masked_fill(~valid, MASK_VALUE)
+        scores = scores.masked_fill_(~valid, MASK_VALUE)  # matmul's backward needs q, k only
     return F.log_softmax(scores, dim=-1)
 
 

@@ -24,7 +24,8 @@ class AttentionKL(Aspect):
         source: Literal["qk", "probs"] = Field(
             default="qk",
             description="qk: recompute A from captured queries and keys (keeps SDPA/flash "
-            "attention); probs: use the model's attention probabilities (eager attention).",
+            "attention); probs: the (B, H, T, T) probabilities, computed by the capture from "
+            "the same Q and K (equal to eager attention's).",
         )
         relation_heads: int | None = Field(
             default=None,

@@ -54,8 +54,8 @@ def local_model_dir(ref: str, base: Path) -> Path | None:
     return None
 
 
-def depth_from_model(ref: str, base: Path) -> int | None:
-    """Layers of the model at ``ref``: read from its config.json when it is local."""
+def config_from_model(ref: str, base: Path) -> dict[str, Any] | None:
+    """The ``config.json`` of the local model at ``ref``, or None for a hub id."""
     directory = local_model_dir(ref, base)
     if directory is None:
         return None
@@ -70,7 +70,15 @@ def depth_from_model(ref: str, base: Path) -> int | None:
         raise DepthError(f"cannot read {config_file}: {exc}") from None
     if not isinstance(config, dict):
         raise DepthError(f"{config_file} does not hold a JSON object")
+    return config
+
+
+def depth_from_model(ref: str, base: Path) -> int | None:
+    """Layers of the model at ``ref``: read from its config.json when it is local."""
+    config = config_from_model(ref, base)
+    if config is None:
+        return None
     try:
         return depth_from_config(config)
     except DepthError as exc:
-        raise DepthError(f"{config_file}: {exc}") from None
+        raise DepthError(f"{local_model_dir(ref, base)}/config.json: {exc}") from None

@@ -22,7 +22,13 @@ from ..errors import Diagnostic, ObjectiveError, PluginError
 from ..features import FeatureRequest
 from ..mapping import LayerPair, MappingError
 from ..registry import AspectRegistry
-from .depths import DepthError, depth_from_config, depth_from_model, is_local_data
+from .depths import (
+    DepthError,
+    config_from_model,
+    depth_from_config,
+    depth_from_model,
+    is_local_data,
+)
 from .sections import ObjectiveFile
 from .source import Path as YPath
 from .source import SourceMap, load_yaml
@@ -52,8 +58,13 @@ class ResolvedObjective:
         return self.spec.model_dump(mode="json")
 
 
-def load_objective(path: str | Path, registry: AspectRegistry) -> ResolvedObjective:
-    """Read, validate and resolve the objective file at ``path``."""
+def load_objective(
+    path: str | Path, registry: AspectRegistry, *, architectures: Any = None
+) -> ResolvedObjective:
+    """Read, validate and resolve the objective file at ``path``.
+
+    With an ``architectures`` registry, models whose ``model_type`` is known at validation
+    time (inline configs, local directories) must have an architecture adapter."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -63,19 +74,33 @@ def load_objective(path: str | Path, registry: AspectRegistry) -> ResolvedObject
         raise ObjectiveError(
             [Diagnostic(1, 1, "<file>", f"cannot read: {exc}", str(path))]
         ) from None
-    return resolve_text(text, str(path), registry, base_dir=path.resolve().parent)
+    return resolve_text(
+        text, str(path), registry, base_dir=path.resolve().parent, architectures=architectures
+    )
 
 
 def resolve_text(
-    text: str, file: str, registry: AspectRegistry, *, base_dir: Path | None = None
+    text: str,
+    file: str,
+    registry: AspectRegistry,
+    *,
+    base_dir: Path | None = None,
+    architectures: Any = None,
 ) -> ResolvedObjective:
     """Validate and resolve objective-file ``text``; ``file`` is the name used in messages."""
     data, smap = load_yaml(text, file)
-    return resolve_data(data, smap, registry, base_dir=base_dir or Path.cwd())
+    return resolve_data(
+        data, smap, registry, base_dir=base_dir or Path.cwd(), architectures=architectures
+    )
 
 
 def resolve_data(
-    data: Any, smap: SourceMap, registry: AspectRegistry, *, base_dir: Path
+    data: Any,
+    smap: SourceMap,
+    registry: AspectRegistry,
+    *,
+    base_dir: Path,
+    architectures: Any = None,
 ) -> ResolvedObjective:
     if not isinstance(data, dict):
         raise ObjectiveError(
@@ -85,7 +110,7 @@ def resolve_data(
         spec = ObjectiveFile.model_validate(data, context={"registry": registry})
     except ValidationError as exc:
         raise ObjectiveError(pydantic_diagnostics(exc, smap)) from None
-    return _Resolver(spec, smap, registry, base_dir).run()
+    return _Resolver(spec, smap, registry, base_dir, architectures).run()
 
 
 def pydantic_diagnostics(
@@ -128,8 +153,14 @@ def _fmt(path: YPath) -> str:
 
 class _Resolver:
     def __init__(
-        self, spec: ObjectiveFile, smap: SourceMap, registry: AspectRegistry, base_dir: Path
+        self,
+        spec: ObjectiveFile,
+        smap: SourceMap,
+        registry: AspectRegistry,
+        base_dir: Path,
+        architectures: Any = None,
     ) -> None:
+        self.architectures = architectures
         self.spec = spec
         self.smap = smap
         self.registry = registry
@@ -142,6 +173,9 @@ class _Resolver:
     def run(self) -> ResolvedObjective:
         teacher_layers = self._teacher_depth()
         student_layers = self._student_depth(teacher_layers)
+        if self.architectures is not None:
+            for section in ("teacher", "student"):
+                self._check_architecture(section)
         self.depths = (student_layers, teacher_layers)
         self._check_data_files()
         root = self._build(self.spec.objective, ("objective",), None, "", is_root=True)
@@ -172,6 +206,29 @@ class _Resolver:
             sub = ("config", *exc.key) if spec.config is not None else ("model",)
             self.error((section, *sub), str(exc))
         return None
+
+    def _check_architecture(self, section: str) -> None:
+        spec = getattr(self.spec, section)
+        if spec is None:
+            return
+        where: YPath
+        if spec.config is not None:
+            model_type, where = spec.config.get("model_type"), (section, "config", "model_type")
+            if model_type is None:
+                self.error((section, "config"), "an inline config needs 'model_type'")
+                return
+        elif spec.model is not None:
+            try:
+                config = config_from_model(spec.model, self.base_dir)
+            except DepthError:
+                return  # reported with the depth
+            if config is None:
+                return  # a hub id: checked when the model is loaded
+            model_type, where = config.get("model_type"), (section, "model")
+        else:
+            return
+        if not isinstance(model_type, str) or self.architectures.get(model_type) is None:
+            self.error(where, self.architectures.unknown_message(model_type))
 
     def _teacher_depth(self) -> int | None:
         return self._depth("teacher")
