@@ -148,6 +148,44 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .engine.run import Run, RunOptions
+
+    options = RunOptions(
+        output=Path(args.output) if args.output else None,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        dry_run=args.dry_run,
+    )
+    run = Run(args.file, options, _err)
+    summary = run.execute()
+    if not run.world.main:
+        return 0
+    if args.dry_run:
+        print(json.dumps(summary, indent=2))
+        return 0
+    _out().print(_run_table(summary))
+    return 0
+
+
+def _run_table(summary: dict[str, Any]) -> Table:
+    metrics = sorted(set(summary["student"]) | set(summary["teacher"]))
+    table = Table(box=None, pad_edge=False, title=f"{summary['objective']}: validation")
+    table.add_column("model")
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    for name in ("teacher", "student"):
+        if summary[name]:
+            table.add_row(name, *(f"{summary[name].get(m, float('nan')):.4f}" for m in metrics))
+    table.caption = (
+        f"{summary['steps']} steps in {summary['train_seconds']:.0f}s; student, metrics and "
+        f"plots in {summary['run_dir']}"
+    )
+    return table
+
+
 def cmd_student(args: argparse.Namespace) -> int:
     from .student_report import build_student_report
 
@@ -253,6 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="installed plugins and what they register (JSON)")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser(
+        "run", help="distil: train the objective's student and evaluate it against the teacher"
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-o", "--output", metavar="DIR", help="run directory (default runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run directory"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve everything and print the plan (parameters, features, memory) as JSON",
+    )
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
         "student",

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     PLUGIN = 3  #: a plugin failed to load or registered something invalid
     RUNTIME = 4  #: the run itself failed (training, device)
     MODEL = 5  #: a model, tokenizer or student cannot be loaded, built, captured or saved
+    DATA = 6  #: a data file, dataset or column cannot be used
 
 
 class MakdError(Exception):

@@ -19,7 +19,16 @@ def _student_ce(features, logits):
     labels, mask = features.labels, features.attention_mask
     if logits.dim() == 3 and features.causal:
         logits, labels, mask = losses.shift_for_causal_lm(logits, labels, mask)
-    return losses.cross_entropy(logits, labels, mask if logits.dim() == 3 else None)
+    return losses.cross_entropy(logits, labels, _token_mask(logits, mask))
+
+
+def _token_mask(logits, mask):
+    """The padding mask when ``logits`` are per token (B, T, V); None for per-example logits
+    and for QA's (B, 2, T) start/end logits, whose padded positions hold a large negative
+    value instead."""
+    if logits.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(logits.shape[:2]):
+        return mask
+    return None
 
 
 class LogitsKD(Aspect):
@@ -67,7 +76,7 @@ class LogitsKD(Aspect):
         c = self.config
         z_s = features.student(Feature.LOGITS)
         z_t = features.teacher(Feature.LOGITS)
-        mask = features.attention_mask if z_s.dim() == 3 else None
+        mask = _token_mask(z_s, features.attention_mask)
         kd = kd_divergence(
             z_s,
             z_t,

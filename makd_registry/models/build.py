@@ -52,6 +52,7 @@ class Models:
 
 
 def default_head(task: str | None, section: Any, registry: ArchitectureRegistry) -> str:
+    """The task head: from the data section's task, else from the model family."""
     if task is not None:
         return head_for_task(task)
     config = getattr(section, "config", None)
@@ -101,28 +102,44 @@ def _tokenizer(ref: str | None, fallback: str | None, base: Path, what: str) -> 
     return None
 
 
-def build_models(
+def build_teacher(
     spec: Any,
     registry: ArchitectureRegistry,
     *,
     base_dir: Path,
     attn_implementation: str | None = None,
     num_labels: int | None = None,
-    load_tokenizers: bool = True,
-) -> Models:
-    """Build the models of an objective file's ``spec`` (an ``ObjectiveFile``)."""
+) -> tuple[Any, ArchitectureAdapter | None]:
+    """The teacher of ``spec`` (an ``ObjectiveFile``) and its adapter, or ``(None, None)``."""
+    if spec.teacher is None:
+        return None, None
+    head = _head(spec, registry)
+    teacher = _load(
+        spec.teacher, head, registry, base_dir, "teacher", attn_implementation, num_labels
+    )
+    return teacher, registry.for_model(teacher)
+
+
+def _head(spec: Any, registry: ArchitectureRegistry) -> str:
     task = spec.data.task if spec.data is not None else None
+    return default_head(task, spec.teacher or spec.student, registry)
+
+
+def build_student(
+    spec: Any,
+    registry: ArchitectureRegistry,
+    *,
+    base_dir: Path,
+    teacher: Any = None,
+    teacher_adapter: ArchitectureAdapter | None = None,
+    attn_implementation: str | None = None,
+    num_labels: int | None = None,
+) -> Models:
+    """The student of ``spec``, built from ``teacher`` when its recipe says so."""
     student_spec = spec.student
-    teacher_spec = spec.teacher
     if student_spec is None:
         raise ModelError("the objective file has no student section")
-    head = default_head(task, teacher_spec or student_spec, registry)
-    teacher = teacher_adapter = None
-    if teacher_spec is not None:
-        teacher = _load(
-            teacher_spec, head, registry, base_dir, "teacher", attn_implementation, num_labels
-        )
-        teacher_adapter = registry.for_model(teacher)
+    head = _head(spec, registry)
     recipe: dict[str, Any] = {}
     needs_teacher = student_spec.teacher_layers is not None or (
         student_spec.factorize is not None and student_spec.model is None
@@ -141,6 +158,8 @@ def build_models(
     else:
         student = copy.deepcopy(teacher)
         recipe["source"] = "teacher copy"
+    for p in student.parameters():
+        p.requires_grad_(True)
     student_adapter = registry.for_model(student)
     report = None
     if student_spec.factorize is not None:
@@ -154,7 +173,7 @@ def build_models(
             layers=f.layers,
         )
         recipe["factorize"] = f.model_dump(mode="json", exclude_none=True)
-    models = Models(
+    return Models(
         student=student,
         student_adapter=student_adapter,
         teacher=teacher,
@@ -163,16 +182,53 @@ def build_models(
         recipe=recipe,
         factorization=report,
     )
-    if load_tokenizers:
-        if teacher_spec is not None:
-            models.teacher_tokenizer = _tokenizer(
-                teacher_spec.tokenizer, teacher_spec.model, base_dir, "teacher.tokenizer"
-            )
-        own = student_spec.tokenizer
-        models.student_tokenizer = (
-            _tokenizer(own, student_spec.model, base_dir, "student.tokenizer")
-            if (own or student_spec.model)
-            else None
+
+
+def load_tokenizers(spec: Any, *, base_dir: Path) -> tuple[Any, Any]:
+    """``(teacher_tokenizer, student_tokenizer)``: each section's ``tokenizer``, else its
+    model directory's; a student without one of its own uses the teacher's (None when
+    neither is known)."""
+    teacher_tok = student_tok = None
+    if spec.teacher is not None:
+        teacher_tok = _tokenizer(
+            spec.teacher.tokenizer, spec.teacher.model, base_dir, "teacher.tokenizer"
+        )
+    if spec.student is not None and (spec.student.tokenizer or spec.student.model):
+        student_tok = _tokenizer(
+            spec.student.tokenizer, spec.student.model, base_dir, "student.tokenizer"
+        )
+    return teacher_tok, student_tok
+
+
+def build_models(
+    spec: Any,
+    registry: ArchitectureRegistry,
+    *,
+    base_dir: Path,
+    attn_implementation: str | None = None,
+    num_labels: int | None = None,
+    load_tokenizers_too: bool = True,
+) -> Models:
+    """Build the teacher and the student of ``spec`` (an ``ObjectiveFile``)."""
+    teacher, teacher_adapter = build_teacher(
+        spec,
+        registry,
+        base_dir=base_dir,
+        attn_implementation=attn_implementation,
+        num_labels=num_labels,
+    )
+    models = build_student(
+        spec,
+        registry,
+        base_dir=base_dir,
+        teacher=teacher,
+        teacher_adapter=teacher_adapter,
+        attn_implementation=attn_implementation,
+        num_labels=num_labels,
+    )
+    if load_tokenizers_too:
+        models.teacher_tokenizer, models.student_tokenizer = load_tokenizers(
+            spec, base_dir=base_dir
         )
     return models
 

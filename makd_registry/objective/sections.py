@@ -29,6 +29,16 @@ def _exactly_one(model: StrictModel, fields: tuple[str, ...]) -> None:
         )
 
 
+class FinetuneSection(StrictModel):
+    """Training of the teacher itself before distillation (CE on the task's labels)."""
+
+    steps: int = Field(ge=1, description="Optimisation steps of the teacher's training.")
+    learning_rate: float = Field(default=1e-4, gt=0, le=1, allow_inf_nan=False)
+    batch_size: int | None = Field(default=None, ge=1, description="Default: training's.")
+    warmup_steps: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0)
+
+
 class TeacherSection(StrictModel):
     """Where the teacher comes from."""
 
@@ -46,6 +56,11 @@ class TeacherSection(StrictModel):
         default=None,
         min_length=1,
         description="A local tokenizer directory or hub id (default: the model's own).",
+    )
+    finetune: FinetuneSection | None = Field(
+        default=None,
+        description="Train the teacher on the task first (hard-label CE), cached by its "
+        "settings and reused by later runs.",
     )
 
     @model_validator(mode="after")
@@ -149,19 +164,98 @@ class DataSection(StrictModel):
     validation: str | None = Field(
         default=None, min_length=1, description="Evaluation data: a local file or a hub dataset."
     )
-    text_column: str = Field(default="sentence", min_length=1)
-    text_pair_column: str | None = Field(default=None, min_length=1)
+    subset: str | None = Field(
+        default=None, min_length=1, description="Hub datasets: the configuration name."
+    )
+    train_split: str = Field(default="train", min_length=1, description="Hub datasets: split.")
+    validation_split: str = Field(
+        default="validation", min_length=1, description="Hub datasets: evaluation split."
+    )
+    text_column: str = Field(
+        default="sentence",
+        min_length=1,
+        description="Text (classification), raw text (causal_lm).",
+    )
+    text_pair_column: str | None = Field(
+        default=None, min_length=1, description="Second text of pair_classification."
+    )
     label_column: str = Field(default="label", min_length=1)
-    max_length: int = Field(default=128, ge=8, le=32768)
+    question_column: str = Field(default="question", min_length=1, description="qa: question.")
+    context_column: str = Field(default="context", min_length=1, description="qa: context.")
+    answers_column: str = Field(default="answers", min_length=1, description="qa: answers.")
+    instruction_column: str = Field(default="instruction", min_length=1)
+    input_column: str = Field(default="input", min_length=1)
+    output_column: str = Field(default="output", min_length=1)
+    max_length: int = Field(default=128, ge=8, le=32768, description="Tokens per example.")
+    train_limit: int | None = Field(
+        default=None, ge=1, description="Use only the first N training examples."
+    )
+    validation_limit: int | None = Field(
+        default=None, ge=1, description="Evaluate on the first N examples only."
+    )
+    max_new_tokens: int = Field(
+        default=64, ge=1, le=4096, description="instruction: tokens generated per answer."
+    )
+
+
+Schedule = Literal["linear", "cosine", "constant"]
 
 
 class TrainingSection(StrictModel):
     """How long and how fast to train."""
 
     steps: int = Field(default=1000, ge=1, description="Total optimisation steps.")
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1, description="Examples per optimisation step.")
+    gradient_accumulation: int = Field(
+        default=1, ge=1, description="Micro-batches per step (batch_size must divide by it)."
+    )
     learning_rate: float = Field(default=5e-5, gt=0, le=1, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.01, ge=0, le=1, allow_inf_nan=False)
+    schedule: Schedule = Field(default="linear", description="Learning-rate decay after warm-up.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps.")
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0, allow_inf_nan=False, description="Gradient clipping (null: off)."
+    )
     seed: int = Field(default=0, ge=0)
+    eval_every: int | None = Field(
+        default=None, ge=1, description="Evaluate every N steps (and always at the end)."
+    )
+    eval_batch_size: int | None = Field(default=None, ge=1)
+    log_every: int = Field(default=10, ge=1, description="Write metrics every N steps.")
+    checkpoint_every: int | None = Field(
+        default=None, ge=1, description="Save a resumable checkpoint every N steps."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast (teacher in bf16) on CUDA, fp32 on CPU."
+    )
+    compile: bool = Field(default=False, description="torch.compile the student (CUDA).")
+    teacher_cache: bool = Field(
+        default=False,
+        description="Store the teacher's features once (fp16) and reuse them in later epochs.",
+    )
+
+    @model_validator(mode="after")
+    def _accumulation_divides(self) -> TrainingSection:
+        if self.batch_size % self.gradient_accumulation:
+            raise_at(
+                ("gradient_accumulation",),
+                "accumulation",
+                "batch_size ({b}) must be a multiple of gradient_accumulation ({a})",
+                self.gradient_accumulation,
+                b=self.batch_size,
+                a=self.gradient_accumulation,
+            )
+        if self.warmup_steps >= self.steps:
+            raise_at(
+                ("warmup_steps",),
+                "warmup",
+                "warmup_steps ({w}) must be fewer than steps ({s})",
+                self.warmup_steps,
+                w=self.warmup_steps,
+                s=self.steps,
+            )
+        return self
 
 
 class ObjectiveFile(StrictModel):

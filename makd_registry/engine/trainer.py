@@ -1,0 +1,249 @@
+"""The training loop: one optimisation step = capture, objective, backward, clip, step.
+
+:class:`Trainer` owns the student, the teacher, the objective tree and its trainable modules,
+the optimizer and schedule, the data order and the checkpoints. Data order is a fixed
+permutation per epoch drawn from the seed, so a resumed run sees exactly the batches an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..capture import CapturePlan
+from ..capture.extractor import FeatureExtractor
+from ..data.collate import collate
+from ..features import Feature
+from .checkpoint import load_checkpoint, save_checkpoint
+from .optim import make_optimizer
+from .terms import TermRecorder
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class AspectModules(nn.Module):
+    """The objective's trainable modules (alignment maps) under their stable names."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.names = dict(modules)
+        self.inner = nn.ModuleDict({_key(k): m for k, m in modules.items()})
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    terms: dict[str, float]
+    lr: float
+    grad_norm: float | None = None
+
+
+@dataclass
+class Trainer:
+    """Everything one distillation run trains with."""
+
+    student: nn.Module
+    student_adapter: Any
+    root: Any  # the objective's root aspect
+    data: Any  # TaskData
+    training: Any  # TrainingSection
+    pad_id: int
+    device: torch.device
+    teacher: nn.Module | None = None
+    teacher_adapter: Any = None
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    rank: int = 0
+    world_size: int = 1
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    modules: AspectModules = field(init=False)
+    optimizer: torch.optim.Optimizer = field(init=False)
+    scheduler: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        s_info = self.student_adapter.model_info(self.student.config)
+        t_info = (
+            self.teacher_adapter.model_info(self.teacher.config)
+            if self.teacher is not None
+            else s_info
+        )
+        self.root.build(t_info, s_info)
+        self.modules = AspectModules(self.root.modules()).to(self.device)
+        params = [("student." + n, p) for n, p in self.student.named_parameters()]
+        params += [("modules." + n, p) for n, p in self.modules.named_parameters()]
+        self.optimizer, self.scheduler = make_optimizer(params, self.training)
+        self.recorder = TermRecorder(self.root)
+        self._extractors: dict[int, FeatureExtractor] = {}
+        self._stack = contextlib.ExitStack()
+        self.is_qa = self.data.task == "qa"
+
+    # -- plans per stage ---------------------------------------------------------------
+
+    def _stage(self) -> int:
+        return self.root.stage_at(self.step) if hasattr(self.root, "stage_at") else 0
+
+    def extractor(self) -> FeatureExtractor:
+        stage = self._stage()
+        if stage not in self._extractors:
+            node = self.root.children[stage] if hasattr(self.root, "stage_at") else self.root
+            plan = CapturePlan.from_requests(node.requires())
+            for old in self._extractors.values():
+                old.close()
+            fx = FeatureExtractor(
+                plan,
+                self.student,
+                self.student_adapter,
+                self.teacher if plan.needs_teacher_forward else None,
+                self.teacher_adapter if plan.needs_teacher_forward else None,
+            )
+            self._extractors = {stage: self._stack.enter_context(fx)}
+        return self._extractors[stage]
+
+    def close(self) -> None:
+        self._stack.close()
+        self._extractors.clear()
+
+    # -- data --------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.training.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.data.train), generator=gen).tolist()
+
+    def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next optimisation step."""
+        accum = self.training.gradient_accumulation
+        global_batch = self.training.batch_size
+        micro = global_batch // accum
+        order = self._order(self.epoch)
+        for _ in range(accum):
+            indices = []
+            while len(indices) < micro:
+                if self.position >= len(order):
+                    self.epoch += 1
+                    self.position = 0
+                    order = self._order(self.epoch)
+                take = min(micro - len(indices), len(order) - self.position)
+                indices += order[self.position : self.position + take]
+                self.position += take
+            mine = indices[self.rank :: self.world_size]
+            rows = self.data.train.select(mine)
+            batch = collate(list(rows), self.pad_id)
+            yield {k: v.to(self.device) for k, v in batch.items()}
+
+    # -- one step ----------------------------------------------------------------------
+
+    def train_step(self) -> StepResult:
+        self.student.train()
+        accum = self.training.gradient_accumulation
+        fx = self.extractor()
+        total = 0.0
+        for batch in self.micro_batches():
+            with self.autocast():
+                features, _ = fx(batch, step=self.step)
+                if self.is_qa:
+                    _mask_qa_logits(features)
+                loss = self.root.loss(features)
+            (loss / accum).backward()
+            total += float(loss.detach()) / accum
+        if self.world_size > 1:
+            self._average_gradients()
+        norm = None
+        if self.training.max_grad_norm is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        terms = self.recorder.pop()
+        if self.world_size > 1:
+            total, terms = self._average_logged(total, terms)
+        return StepResult(self.step, total, terms, lr, norm)
+
+    def _average_logged(self, total: float, terms: dict[str, float]) -> tuple[float, dict]:
+        """The logged loss and terms of the global batch: the mean over ranks."""
+        import torch.distributed as dist
+
+        names = sorted(terms)
+        values = torch.tensor([total, *(terms[n] for n in names)], dtype=torch.float64)
+        dist.all_reduce(values)
+        values /= self.world_size
+        return float(values[0]), {n: float(v) for n, v in zip(names, values[1:], strict=True)}
+
+    def _average_gradients(self) -> None:
+        """Data parallelism: average every trainable gradient (student and aspect modules)
+        across ranks with one coalesced all-reduce. Each rank computed its share of the
+        global batch, so the result is the gradient of the global batch. Unlike PyTorch's
+        DistributedDataParallel wrapper this also covers gradients that flow outside the
+        student's forward (alignment maps, student matrices applied to teacher inputs)."""
+        import torch.distributed as dist
+
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "position": self.position}
+
+    def save(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
+        save_checkpoint(
+            directory,
+            student=self.student,
+            modules=self.modules,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={**self.state(), **(extra or {})},
+        )
+
+    def resume(self, directory: Path) -> dict[str, Any]:
+        state = load_checkpoint(
+            directory,
+            student=self.student,
+            modules=self.modules,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.close()
+        return state
+
+
+def _mask_qa_logits(features: Any) -> None:
+    """Padded positions of QA start/end logits get a large negative value on both sides."""
+    mask = features.attention_mask
+    if mask is None:
+        return
+    for table in (features.teacher_features, features.student_features):
+        key = (Feature.LOGITS, None)
+        if key in table and table[key].dim() == 3:
+            logits = table[key]
+            table[key] = logits.masked_fill(~mask.bool()[:, None, :], -1e4)
