@@ -159,7 +159,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         dry_run=args.dry_run,
     )
-    run = Run(args.file, options, _err)
+    console = Console(
+        stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 150
+    )
+    run = Run(args.file, options, console)
     summary = run.execute()
     if not run.world.main:
         return 0

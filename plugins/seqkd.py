@@ -68,6 +68,8 @@ class SeqKD(Aspect):
         logits = features.student(Feature.LOGITS)
         if logits.dim() == 2:
             return losses.cross_entropy(logits, targets)
+        if not features.causal and targets.dim() == 2 and targets.shape == logits.shape[:2]:
+            return losses.cross_entropy(logits, targets)  # QA: (B, 2, T) start/end
         mask = features.attention_mask
         if features.causal:
             logits, targets, mask = losses.shift_for_causal_lm(logits, targets, mask)

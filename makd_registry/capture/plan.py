@@ -113,7 +113,7 @@ class CapturePlan:
         teacher's inputs."""
         problems: list[str] = []
         if teacher is None:
-            if self.needs_teacher_forward or self.teacher.generated:
+            if self.needs_teacher_forward:
                 problems.append("the objective needs teacher features, but there is no teacher")
         else:
             problems += _check_side("teacher", self.teacher, *teacher)

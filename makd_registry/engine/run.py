@@ -146,9 +146,19 @@ class Run:
         )
         plan = CapturePlan.from_requests(self.resolved.requires())
         teacher_eval: dict[str, float] = {}
+        self.finetune_plan: dict[str, Any] | None = None
         if teacher is not None:
             teacher = teacher.to(self.device)
-            if self.spec.teacher.finetune is not None:
+            if self.spec.teacher.finetune is not None and self.options.dry_run:
+                from .teacher import cache_root, teacher_key
+
+                cached = cache_root() / "teachers" / teacher_key(self.spec, self.base_dir)
+                self.finetune_plan = {
+                    "steps": self.spec.teacher.finetune.steps,
+                    "cache": str(cached),
+                    "cached": (cached / "makd_student.json").is_file(),
+                }
+            elif self.spec.teacher.finetune is not None:
                 teacher, teacher_eval = self._finetuned_teacher(
                     teacher, teacher_adapter, data, tokenizer
                 )
@@ -175,6 +185,8 @@ class Run:
         )
         models.teacher_tokenizer, models.student_tokenizer = teacher_tok, student_tok
         check_vocabulary(models, self.resolved.root)
+        if not self.options.dry_run:
+            self._seqkd_pass(teacher, data, tokenizer)
         student = models.student.to(self.device)
         if teacher is not None:
             teacher.eval()
@@ -240,6 +252,63 @@ class Run:
         record = read_record(directory) or {}
         teacher = load_student(directory).to(self.device)
         return teacher, dict(record.get("eval") or {})
+
+    def _teacher_id(self) -> str:
+        from .teacher import teacher_key
+
+        t = self.spec.teacher
+        if t.finetune is not None:
+            return "finetuned:" + teacher_key(self.spec, self.base_dir)
+        return json.dumps(t.model_dump(mode="json"), sort_keys=True)
+
+    def _seqkd_pass(self, teacher: Any, data: Any, tokenizer: Any) -> None:
+        from .seqkd import (
+            apply_targets,
+            cache_key,
+            generate_targets,
+            load_or_generate,
+            seqkd_config,
+        )
+        from .teacher import cache_root
+
+        config = seqkd_config(self.resolved.root)
+        if config is None:
+            return
+        if teacher is None:
+            _require(self.resolved, "objective", None, "seqkd needs a teacher section")
+        key = cache_key(self._teacher_id(), self.spec.data, tokenizer, config)
+        directory = (
+            (self.base_dir / config.cache_dir) if config.cache_dir else cache_root() / "seqkd"
+        )
+        cache_file = directory / f"{key}.safetensors"
+
+        def make() -> dict[str, Any]:
+            start = time.perf_counter()
+            targets = generate_targets(
+                teacher,
+                data,
+                tokenizer,
+                config,
+                batch_size=self.training.eval_batch_size or self.training.batch_size,
+                device=self.device,
+                autocast=self.autocast,
+                max_length=self.spec.data.max_length,
+                seed=self.training.seed,
+            )
+            self.say(
+                f"seqkd: the teacher labelled {len(data.train)} training rows in "
+                f"{time.perf_counter() - start:.0f}s"
+            )
+            return targets
+
+        if self.world.main:
+            targets, cached = load_or_generate(cache_file, make)
+            if cached:
+                self.say(f"seqkd: reusing the teacher's targets from {cache_file}")
+        self.world.barrier()
+        if not self.world.main:
+            targets, _ = load_or_generate(cache_file, make)
+        apply_targets(data, targets)
 
     def _evaluate(self, model: Any, data: Any, tokenizer: Any) -> dict[str, float]:
         if not self.world.main or data.validation is None:
@@ -402,6 +471,7 @@ class Run:
             "micro_batch": micro,
             "parameters": {k: v.as_dict() for k, v in models.parameters().items()},
             "recipe": models.recipe,
+            "teacher_finetune": self.finetune_plan,
             "captured": plan.summary(),
             "memory_estimate_mb": estimate_memory(
                 models, plan, micro, self.spec.data.max_length, bf16_teacher=self.bf16

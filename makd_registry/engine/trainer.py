@@ -115,8 +115,16 @@ class Trainer:
                 self.teacher if plan.needs_teacher_forward else None,
                 self.teacher_adapter if plan.needs_teacher_forward else None,
             )
+            if self.training.compile:
+                # hooks stay on the student's modules; the forward runs compiled
+                fx.student.model = self._compiled()
             self._extractors = {stage: self._stack.enter_context(fx)}
         return self._extractors[stage]
+
+    def _compiled(self) -> nn.Module:
+        if getattr(self, "_compiled_student", None) is None:
+            self._compiled_student = torch.compile(self.student)
+        return self._compiled_student
 
     def close(self) -> None:
         self._stack.close()
@@ -159,6 +167,8 @@ class Trainer:
         for batch in self.micro_batches():
             with self.autocast():
                 features, _ = fx(batch, step=self.step)
+                if "generated" in batch:  # the SeqKD pass's teacher targets
+                    features.teacher_features[(Feature.GENERATED, None)] = batch["generated"]
                 if self.is_qa:
                     _mask_qa_logits(features)
                 loss = self.root.loss(features)

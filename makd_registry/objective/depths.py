@@ -42,8 +42,35 @@ def is_local_data(ref: str) -> bool:
     return is_path_like(ref) or ref.lower().endswith(DATA_SUFFIXES)
 
 
+PACKAGE_PREFIX = "pkg:"
+
+
+def package_model_dir(name: str) -> Path:
+    """The model directory an installed Python package carries (``pkg:<module>``): what its
+    ``get_model_path()`` returns, else the package's own directory."""
+    import importlib
+    import importlib.util
+
+    if not name.isidentifier():
+        raise DepthError(f"'{PACKAGE_PREFIX}{name}' must name an importable module")
+    if importlib.util.find_spec(name) is None:
+        raise DepthError(
+            f"the package module '{name}' is not installed (pip install "
+            f"{name.replace('_', '-')})"
+        )
+    module = importlib.import_module(name)
+    getter = getattr(module, "get_model_path", None)
+    path = Path(getter()) if callable(getter) else Path(module.__file__).parent
+    if not path.is_dir():
+        raise DepthError(f"the package '{name}' has no model directory ({path})")
+    return path
+
+
 def local_model_dir(ref: str, base: Path) -> Path | None:
-    """The local directory ``ref`` names (relative to ``base``), or None for a hub id."""
+    """The local directory ``ref`` names (relative to ``base``, or ``pkg:<module>`` for a
+    model shipped in a Python package), or None for a hub id."""
+    if ref.startswith(PACKAGE_PREFIX):
+        return package_model_dir(ref[len(PACKAGE_PREFIX) :])
     candidate = (base / Path(ref).expanduser()).resolve()
     if candidate.exists():
         if not candidate.is_dir():
