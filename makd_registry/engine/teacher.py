@@ -54,7 +54,6 @@ def finetune_training(spec: Any) -> Any:
             "eval_every": None,
             "checkpoint_every": None,
             "schedule": "linear",
-            "teacher_cache": False,
         }
     )
 

@@ -229,11 +229,7 @@ class TrainingSection(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 autocast (teacher in bf16) on CUDA, fp32 on CPU."
     )
-    compile: bool = Field(default=False, description="torch.compile the student (CUDA).")
-    teacher_cache: bool = Field(
-        default=False,
-        description="Store the teacher's features once (fp16) and reuse them in later epochs.",
-    )
+    compile: bool = Field(default=False, description="torch.compile the student's forward.")
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> TrainingSection:
