@@ -35,23 +35,13 @@ import time
 
 import torch
 import transformers
+from enc384 import PAIRS, TEACHER, padded_batch  # noqa: E402  (bench/ on sys.path)
 
 from makd_registry.capture import CapturePlan
 from makd_registry.capture.extractor import FeatureExtractor
 from makd_registry.features import Feature, FeatureRequest
 from makd_registry.losses import attention_log_probs, probs_to_log_probs
 from makd_registry.models import make_architecture_registry
-
-TEACHER = dict(
-    vocab_size=30522,
-    hidden_size=384,
-    num_hidden_layers=6,
-    num_attention_heads=12,
-    intermediate_size=1536,
-    max_position_embeddings=512,
-    num_labels=2,
-)
-PAIRS = [(0, 2), (1, 5)]  # uniform mapping, student 2 layers <- teacher 6
 
 
 def models(attn: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -66,12 +56,9 @@ def models(attn: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def batch(size: int, seq: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 30000, (size, seq), generator=gen)
-    lengths = torch.randint(seq // 2, seq + 1, (size,), generator=gen)
-    lengths[0] = seq
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    return {"input_ids": ids * mask, "attention_mask": mask}
+    out = padded_batch(size, seq)
+    del out["labels"]
+    return out
 
 
 def tinybert_requests() -> list[FeatureRequest]:

@@ -31,29 +31,13 @@ import time
 import torch
 import torch.nn.functional as F
 import transformers
+from enc384 import PAIRS, TEACHER, padded_batch  # noqa: E402  (bench/ on sys.path)
 
-PAIRS = [(0, 2), (1, 5)]
-CONFIG = dict(
-    vocab_size=30522,
-    hidden_size=384,
-    num_hidden_layers=6,
-    num_attention_heads=12,
-    intermediate_size=1536,
-    max_position_embeddings=512,
-    num_labels=2,
-)
+CONFIG = TEACHER
 
 
 def batch_of(size: int, seq: int, step: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(step)
-    ids = torch.randint(1000, 30000, (size, seq), generator=gen)
-    lengths = torch.randint(seq // 2, seq + 1, (size,), generator=gen)
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    return {
-        "input_ids": ids * mask,
-        "attention_mask": mask,
-        "labels": torch.randint(0, 2, (size,), generator=gen),
-    }
+    return padded_batch(size, seq, seed=step)
 
 
 def models(attn: str):

@@ -301,9 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("-o", "--output", metavar="DIR", help="run directory (default runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing run directory"
-    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument(
         "--dry-run",
         action="store_true",

@@ -62,6 +62,7 @@ class FeatureExtractor:
         for cap in (self.student, self.teacher):
             if cap is not None:
                 cap.recording = False
+        self._on_teacher = sorted(plan.student.on_teacher_input, key=str)
 
     def __enter__(self) -> FeatureExtractor:
         self.student.install()
@@ -117,7 +118,7 @@ class FeatureExtractor:
             cap.clear()
         on_teacher = {
             (feature, s, t): cap.apply_module(feature, s, t_inputs[(feature, t)])
-            for feature, s, t in sorted(self.plan.student.on_teacher_input, key=str)
+            for feature, s, t in self._on_teacher
         }
         features = FeatureSet(
             teacher_features=t_feats,

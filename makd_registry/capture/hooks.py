@@ -55,6 +55,7 @@ class ModelCapture:
         self.final_norm = adapter.final_norm(model)
         self._store: dict[RawKey, Any] = {}
         self._handles: list[Any] = []
+        self._features = sorted(plan.features, key=str)  # fixed order, computed once
         self.recording = True
 
     # -- which raw tensors -------------------------------------------------------------
@@ -210,7 +211,7 @@ class ModelCapture:
         last = len(self.layers) - 1
         out: dict[tuple[Feature, int | None], torch.Tensor] = {}
         qk_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for feature, layer in sorted(self.plan.features, key=str):
+        for feature, layer in self._features:
             if feature is Feature.EMBEDDINGS:
                 value = self._raw(("layer_in", 0))
             elif feature is Feature.HIDDEN:

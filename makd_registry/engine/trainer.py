@@ -133,8 +133,15 @@ class Trainer:
     # -- data --------------------------------------------------------------------------
 
     def _order(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.training.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.data.train), generator=gen).tolist()
+        """The seeded permutation of the training rows for ``epoch`` (computed once)."""
+        cached = getattr(self, "_order_cache", None)
+        if cached is None or cached[0] != epoch:
+            gen = torch.Generator().manual_seed(self.training.seed * 1_000_003 + epoch)
+            self._order_cache = (
+                epoch,
+                torch.randperm(len(self.data.train), generator=gen).tolist(),
+            )
+        return self._order_cache[1]
 
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next optimisation step."""

@@ -55,8 +55,7 @@ def package_model_dir(name: str) -> Path:
         raise DepthError(f"'{PACKAGE_PREFIX}{name}' must name an importable module")
     if importlib.util.find_spec(name) is None:
         raise DepthError(
-            f"the package module '{name}' is not installed (pip install "
-            f"{name.replace('_', '-')})"
+            f"the package module '{name}' is not installed (pip install {name.replace('_', '-')})"
         )
     module = importlib.import_module(name)
     getter = getattr(module, "get_model_path", None)
