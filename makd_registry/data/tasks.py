@@ -141,8 +141,11 @@ def _tokenise(spec: Any, raw: Any, tokenizer: Any, *, train: bool) -> tuple[Any,
 def _tokenise_lm(spec: Any, raw: Any, tokenizer: Any) -> Any:
     import datasets
 
+    from ..models.loading import quiet_transformers
+
     text = "\n".join(t for t in raw[spec.text_column] if t is not None)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with quiet_transformers():  # the whole text is longer than model_max_length, on purpose
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     n = spec.max_length
     blocks = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)]
     if not blocks:
