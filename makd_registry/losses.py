@@ -21,7 +21,7 @@ import functools
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -425,6 +425,69 @@ def _divergence_sum(
     return rows.sum()
 
 
+class _FusedKL(torch.autograd.Function):
+    """Forward or reverse KL over ``(N, V)`` logits, chunk by chunk, with the gradient of the
+    student's logits computed in the same pass into one buffer (no recomputation, no
+    per-chunk full-size gradients): ``d/dz_S`` of ``τ²·KL(p_T‖p_S)/n`` is
+    ``τ·(p_S − p_T)/n``, and of ``τ²·KL(p_S‖p_T)/n`` it is
+    ``τ·p_S ⊙ (log p_S − log p_T − KL_row)/n``. The teacher gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, index, chunk, temperature, reverse):  # type: ignore[override]
+        rows = student.shape[0] if index is None else index.numel()
+        grad = torch.zeros_like(student)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        scale = temperature / max(rows, 1)
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+            pick = None if index is None else index[start:stop]
+            s = student[start:stop] if pick is None else student.index_select(0, pick)
+            t = teacher[start:stop] if pick is None else teacher.index_select(0, pick)
+            # in-place where possible: about four chunk-sized fp32 tensors at a time
+            ls = F.log_softmax(s.float() / temperature, dim=-1).clamp_min_(MASK_VALUE)
+            lt = F.log_softmax(t.float() / temperature, dim=-1).clamp_min_(MASK_VALUE)
+            if reverse:
+                diff = ls - lt
+                ps = ls.exp_()
+                kl = (ps * diff).sum(-1)
+                g = diff.sub_(kl[:, None]).mul_(ps)
+            else:
+                pt = lt.exp()
+                kl = (lt.sub_(ls)).mul_(pt).sum(-1)
+                g = ls.exp_().sub_(pt)
+            total += kl.sum()
+            g = g.mul_(scale).to(grad.dtype)
+            if pick is None:
+                grad[start:stop] = g
+            else:
+                grad.index_copy_(0, pick, g)
+        ctx.save_for_backward(grad)
+        return total * (temperature**2) / max(rows, 1)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        if getattr(ctx, "used", False):
+            raise RuntimeError(
+                "kd_divergence(chunk_size=...) computes the student's gradient once, in place; "
+                "a second backward through it (retain_graph) needs chunk_size=None"
+            )
+        ctx.used = True
+        # scaled in place: the buffer is not needed after this backward
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
+
+
+def _chunk_divergence(
+    fn: Callable[..., torch.Tensor],
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    index: torch.Tensor | None,
+) -> torch.Tensor:
+    if index is not None:
+        student, teacher = student.index_select(0, index), teacher.index_select(0, index)
+    return fn(student, teacher)
+
+
 @_fp32
 def kd_divergence(
     student_logits: torch.Tensor,
@@ -454,9 +517,12 @@ def kd_divergence(
         kind: ``"forward"``, ``"reverse"`` or ``"jsd"``.
         beta: JSD mixture weight of the teacher, in ``(0, 1)``; ignored for the KLs.
         mask: ``logits.shape[:-1]`` (``(B, T)`` for per-token logits), 1 = valid row.
-        chunk_size: process the valid rows in chunks of at most this many rows; each chunk is
-            checkpointed, so neither forward nor backward holds more than one chunk of fp32
-            probabilities. Same value and gradients as unchunked (up to float summation order).
+        chunk_size: process the valid rows in chunks of at most this many rows, so that never
+            more than one chunk of fp32 probabilities exists. For the forward and reverse KL
+            with a teacher that needs no gradient (the usual case), the student's gradient is
+            computed in the same pass into one buffer (no recomputation); otherwise each chunk
+            is checkpointed. Same value and gradients as unchunked (up to float summation
+            order).
 
     Returns:
         Scalar fp32: the mean over examples / valid tokens (``0`` when there is none). Logits
@@ -483,26 +549,42 @@ def kd_divergence(
     vocab = student_logits.shape[-1]
     s_rows = student_logits.reshape(-1, vocab)
     t_rows = teacher_logits.reshape(-1, vocab)
+    fn = partial(_divergence_sum, temperature=temperature, kind=kind, beta=float(beta))
+    index: torch.Tensor | None = None
     if mask is not None:
         m = _as_bool_mask(mask, tuple(student_logits.shape[:-1]), "mask")
-        m = m.reshape(-1).to(s_rows.device)
-        s_rows = s_rows[m]
-        t_rows = t_rows[m]
-    n_rows = s_rows.shape[0]
-    fn = partial(_divergence_sum, temperature=temperature, kind=kind, beta=float(beta))
+        index = m.reshape(-1).to(s_rows.device).nonzero().squeeze(1)
+    n_rows = s_rows.shape[0] if index is None else index.numel()
 
+    fused = (
+        chunk_size is not None
+        and kind in ("forward", "reverse")
+        and not t_rows.requires_grad
+        and torch.is_grad_enabled()
+        and s_rows.requires_grad
+    )
+    if fused:
+        return _FusedKL.apply(s_rows, t_rows, index, chunk_size, temperature, kind == "reverse")
     if chunk_size is None or n_rows <= chunk_size:
-        total = fn(s_rows, t_rows)
+        if index is None:
+            total = fn(s_rows, t_rows)
+        else:
+            total = fn(s_rows.index_select(0, index), t_rows.index_select(0, index))
     else:
+        # Each chunk gathers its own rows inside the checkpointed function, so only the
+        # (views of the) full logits and a small index are kept for backward, never a copy.
         use_ckpt = torch.is_grad_enabled() and (s_rows.requires_grad or t_rows.requires_grad)
         total = s_rows.new_zeros((), dtype=torch.float32)
-        for s_chunk, t_chunk in zip(
-            torch.split(s_rows, chunk_size), torch.split(t_rows, chunk_size), strict=True
-        ):
-            if use_ckpt:
-                part = checkpoint(fn, s_chunk, t_chunk, use_reentrant=False)
+        for start in range(0, n_rows, chunk_size):
+            stop = min(start + chunk_size, n_rows)
+            if index is None:
+                args: tuple[Any, ...] = (s_rows[start:stop], t_rows[start:stop], None)
             else:
-                part = fn(s_chunk, t_chunk)
+                args = (s_rows, t_rows, index[start:stop])
+            if use_ckpt:
+                part = checkpoint(_chunk_divergence, fn, *args, use_reentrant=False)
+            else:
+                part = _chunk_divergence(fn, *args)
             total = total + part
     return total * (temperature**2) / max(n_rows, 1)
 
