@@ -467,13 +467,8 @@ class _FusedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        if getattr(ctx, "used", False):
-            raise RuntimeError(
-                "kd_divergence(chunk_size=...) computes the student's gradient once, in place; "
-                "a second backward through it (retain_graph) needs chunk_size=None"
-            )
-        ctx.used = True
-        # scaled in place: the buffer is not needed after this backward
+        # scaled in place: the buffer is not needed after this backward (a second backward
+        # with retain_graph fails loudly: autograd sees the saved tensor was modified)
         return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
 
 
