@@ -108,6 +108,7 @@ class FeatureExtractor:
         t_feats, t_inputs = (
             teacher_features if teacher_features is not None else self.run_teacher(inputs)
         )
+        self.last_teacher = (t_feats, t_inputs)
         cap = self.student
         cap.recording = True
         try:

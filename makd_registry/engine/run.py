@@ -357,7 +357,13 @@ class Run:
             autocast=self.autocast,
             rank=self.world.rank,
             world_size=self.world.world_size,
+            cache_dir=run_dir,
         )
+        if training.teacher_cache is not None and self.world.world_size > 1:
+            raise RunError(
+                "training.teacher_cache: the teacher cache is for single-process runs (each "
+                "process would need every example's features)"
+            )
         state: dict[str, Any] = {}
         if self.options.resume:
             state = trainer.resume(run_dir / CHECKPOINT)

@@ -72,6 +72,7 @@ class Trainer:
     autocast: Callable[[], Any] = contextlib.nullcontext
     rank: int = 0
     world_size: int = 1
+    cache_dir: Path | None = None  # where training.teacher_cache files go (the run directory)
     step: int = 0
     epoch: int = 0
     position: int = 0
@@ -161,8 +162,9 @@ class Trainer:
                 self.position += take
             mine = indices[self.rank :: self.world_size]
             rows = self.data.train.select(mine)
-            batch = collate(list(rows), self.pad_id)
-            yield {k: v.to(self.device) for k, v in batch.items()}
+            batch = {k: v.to(self.device) for k, v in collate(list(rows), self.pad_id).items()}
+            batch["index"] = torch.tensor(mine)
+            yield batch
 
     # -- one step ----------------------------------------------------------------------
 
@@ -172,8 +174,12 @@ class Trainer:
         fx = self.extractor()
         total = 0.0
         for batch in self.micro_batches():
+            cached = self._cached_teacher(fx, batch)
             with self.autocast():
-                features, _ = fx(batch, step=self.step)
+                features, _ = fx(batch, step=self.step, teacher_features=cached)
+            if cached is None and self.teacher_cache is not None and fx.teacher is not None:
+                self._store_teacher(fx, batch)
+            with self.autocast():
                 if "generated" in batch:  # the SeqKD pass's teacher targets
                     features.teacher_features[(Feature.GENERATED, None)] = batch["generated"]
                 if self.is_qa:
@@ -206,6 +212,48 @@ class Trainer:
         dist.all_reduce(values)
         values /= self.world_size
         return float(values[0]), {n: float(v) for n, v in zip(names, values[1:], strict=True)}
+
+    @property
+    def teacher_cache(self) -> Any:
+        """The teacher cache of the current stage (one file per stage), or None."""
+        options = self.training.teacher_cache
+        if options is None or self.cache_dir is None or self.teacher is None:
+            return None
+        stage = self._stage()
+        caches = self.__dict__.setdefault("_caches", {})
+        if stage not in caches:
+            from .teacher_cache import TeacherCache
+
+            logits = {"causal_lm": "token", "instruction": "token", "qa": "span"}.get(
+                self.data.task, "example"
+            )
+            caches[stage] = TeacherCache(
+                self.cache_dir / f"teacher_cache-{stage}.safetensors",
+                len(self.data.train),
+                dtype=options.dtype,
+                top_k=options.top_k,
+                logits=logits,
+            )
+        return caches[stage]
+
+    def _cached_teacher(self, fx: FeatureExtractor, batch: dict) -> Any:
+        cache = self.teacher_cache
+        if cache is None or not cache.complete or fx.teacher is None:
+            return None
+        dtype = next(self.teacher.parameters()).dtype
+        return cache.assemble(
+            batch["index"].tolist(),
+            batch["input_ids"].shape[1],
+            fx.plan,
+            self.device,
+            dtype,
+            getattr(self.teacher.config, "vocab_size", None),
+        )
+
+    def _store_teacher(self, fx: FeatureExtractor, batch: dict) -> None:
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        feats, inputs = fx.last_teacher
+        self.teacher_cache.store(batch["index"].tolist(), lengths, feats, inputs)
 
     def _average_gradients(self) -> None:
         """Data parallelism: average every trainable gradient (student and aspect modules)

@@ -201,6 +201,20 @@ class DataSection(StrictModel):
 Schedule = Literal["linear", "cosine", "constant"]
 
 
+class TeacherCacheSection(StrictModel):
+    """Store the teacher's features once and reuse them in later epochs."""
+
+    dtype: Literal["float16", "bfloat16"] = Field(
+        default="float16", description="Storage precision of the cached features."
+    )
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        description="Language models: keep only the top-k teacher logits per token "
+        "(the rest become a large negative value: top-k renormalised, an approximation).",
+    )
+
+
 class TrainingSection(StrictModel):
     """How long and how fast to train."""
 
@@ -230,6 +244,11 @@ class TrainingSection(StrictModel):
         default="auto", description="auto: bf16 autocast (teacher in bf16) on CUDA, fp32 on CPU."
     )
     compile: bool = Field(default=False, description="torch.compile the student's forward.")
+    teacher_cache: TeacherCacheSection | None = Field(
+        default=None,
+        description="Cache the teacher's features ({} for the defaults): epochs after the "
+        "first read them instead of running the teacher.",
+    )
 
     @model_validator(mode="after")
     def _accumulation_divides(self) -> TrainingSection:

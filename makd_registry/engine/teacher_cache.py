@@ -1,0 +1,157 @@
+"""The teacher-output cache: the teacher's features computed once, reused in later epochs.
+
+During the first pass over the training set, the features the objective needs from the
+teacher (and the teacher module inputs that student matrices are applied to) are stored per
+training example, without padding, in half precision (``float16`` or ``bfloat16``). When
+every example has been seen, the store is written to one safetensors file in the run
+directory and memory-mapped; from then on a batch's teacher features are assembled from it
+(padded to the batch's length) instead of running the teacher.
+
+For language models ``top_k`` keeps only the k largest teacher logits per token; the others
+are restored as a large negative value, so the teacher distribution becomes its top-k
+renormalised (an approximation, off by default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..features import Feature
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_LOW = -1e4  # logits outside the kept top-k
+
+
+def _trim(feature: Feature, x: torch.Tensor, length: int, logits: str) -> torch.Tensor:
+    """One example's tensor without its padded positions (``logits``: ``example`` (C,),
+    ``token`` (T, V) or ``span`` (2, T) for QA)."""
+    if feature is Feature.LOGITS:
+        if logits == "example":
+            return x
+        return x[:length] if logits == "token" else x[:, :length]
+    if feature is Feature.ATTENTION_PROBS:
+        return x[:, :length, :length]
+    if feature in (Feature.ATTENTION_QUERY, Feature.ATTENTION_KEY, Feature.ATTENTION_VALUE):
+        return x[:, :length]
+    return x[:length]  # (T, ·) hidden states, projections, module inputs
+
+
+def _pad(feature: Feature, x: torch.Tensor, length: int, logits: str) -> torch.Tensor:
+    """One example's tensor padded back to ``length`` tokens with zeros (QA span logits with
+    a large negative value, as the engine masks them)."""
+    if feature is Feature.LOGITS:
+        if logits == "example":
+            return x
+        if logits == "span":
+            return torch.nn.functional.pad(x, (0, length - x.shape[1]), value=_LOW)
+    if feature is Feature.ATTENTION_PROBS:
+        n = x.shape[-1]
+        return torch.nn.functional.pad(x, (0, length - n, 0, length - n))
+    if feature in (Feature.ATTENTION_QUERY, Feature.ATTENTION_KEY, Feature.ATTENTION_VALUE):
+        return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1]))
+    pad = [0, 0] * (x.dim() - 1) + [0, length - x.shape[0]]
+    return torch.nn.functional.pad(x, pad)
+
+
+class TeacherCache:
+    """Per-example teacher features; see the module docstring."""
+
+    def __init__(
+        self,
+        path: Path,
+        size: int,
+        *,
+        dtype: str = "float16",
+        top_k: int | None = None,
+        logits: str = "example",
+    ) -> None:
+        self.path = path
+        self.size = size
+        self.dtype = _DTYPES[dtype]
+        self.top_k = top_k
+        self.logits = logits
+        self.entries: dict[str, torch.Tensor] = {}
+        self.seen: set[int] = set()
+        self.reader: Any = None
+        self.keys: list[tuple[str, Any, int | None]] | None = None
+        if self.path.is_file():
+            self._open()
+
+    @property
+    def complete(self) -> bool:
+        return self.reader is not None
+
+    def _open(self) -> None:
+        from safetensors import safe_open
+
+        self.reader = safe_open(str(self.path), framework="pt", device="cpu")
+        self.entries.clear()
+
+    def _name(self, index: int, table: str, feature: Feature, layer: Any) -> str:
+        return f"{index}/{table}/{feature.value}/{layer}"
+
+    def store(self, indices: list[int], lengths: list[int], features: dict, inputs: dict) -> None:
+        """Keep a batch's teacher features (``(feature, layer)`` tables, batch-first)."""
+        if self.complete:
+            return
+        for table, values in (("f", features), ("i", inputs)):
+            for (feature, layer), tensor in values.items():
+                if feature is Feature.GENERATED:
+                    continue
+                for row, (index, length) in enumerate(zip(indices, lengths, strict=True)):
+                    x = _trim(feature, tensor[row].detach(), length, self.logits)
+                    if feature is Feature.LOGITS and self.top_k and self.logits == "token":
+                        values_k, idx = x.float().topk(self.top_k, dim=-1)
+                        self.entries[self._name(index, table, feature, layer) + "/v"] = (
+                            values_k.to(self.dtype).cpu().contiguous()
+                        )
+                        self.entries[self._name(index, table, feature, layer) + "/k"] = (
+                            idx.to(torch.int32).cpu().contiguous()
+                        )
+                        continue
+                    self.entries[self._name(index, table, feature, layer)] = (
+                        x.to(self.dtype).cpu().contiguous()
+                    )
+        self.seen.update(indices)
+        if len(self.seen) >= self.size:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        save_file(self.entries, str(tmp))
+        tmp.replace(self.path)
+        self._open()
+
+    def assemble(
+        self,
+        indices: list[int],
+        length: int,
+        plan: Any,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        vocab: int | None,
+    ) -> tuple[dict, dict]:
+        """A batch's teacher features (and module inputs), padded to ``length`` tokens."""
+        out: tuple[dict, dict] = ({}, {})
+        wanted = [("f", f, layer) for f, layer in plan.teacher.features]
+        wanted += [("i", f, layer) for f, layer in plan.teacher.module_inputs]
+        for table, feature, layer in wanted:
+            rows = []
+            for index in indices:
+                name = self._name(index, table, feature, layer)
+                if self.top_k and feature is Feature.LOGITS and self.logits == "token":
+                    values = self.reader.get_tensor(name + "/v").to(compute_dtype)
+                    idx = self.reader.get_tensor(name + "/k").long()
+                    full = torch.full((values.shape[0], vocab or 0), _LOW, dtype=compute_dtype)
+                    x = full.scatter_(1, idx, values)
+                else:
+                    x = self.reader.get_tensor(name).to(compute_dtype)
+                rows.append(_pad(feature, x, length, self.logits))
+            (out[0] if table == "f" else out[1])[(feature, layer)] = torch.stack(rows).to(device)
+        return out
