@@ -158,6 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         dry_run=args.dry_run,
+        overrides=tuple(args.set or ()),
     )
     console = Console(
         stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 150
@@ -306,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="resolve everything and print the plan (parameters, features, memory) as JSON",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a setting of the file, e.g. --set training.steps=200 (repeatable)",
     )
     p.set_defaults(func=cmd_run)
 

@@ -245,3 +245,36 @@ def test_run_errors_are_clear(tmp_path, capsys):
     assert "is not empty: pass --resume" in " ".join(capsys.readouterr().err.split())
     assert main(["run", str(path), "--output", str(tmp_path / "c"), "--resume"]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_set_overrides_settings_and_is_recorded(tmp_path, capsys):
+    path = write_objective(tmp_path, steps=6)
+    out = tmp_path / "run"
+    code = main(
+        [
+            "run",
+            str(path),
+            "--output",
+            str(out),
+            "--set",
+            "training.steps=2",
+            "--set",
+            "objective.terms.1.temperature=3.0",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2
+    resolved = json.loads((out / "objective.resolved.json").read_text())
+    assert resolved["objective"]["terms"][1]["temperature"] == 3.0
+    assert (out / "overrides.txt").read_text().splitlines() == [
+        "--set training.steps=2",
+        "--set objective.terms.1.temperature=3.0",
+    ]
+    capsys.readouterr()
+    assert main(["run", str(path), "--dry-run", "--set", "training.steps=-1"]) == 2
+    assert "training.steps: Input should be greater than or equal to 1 (got -1)" in (
+        capsys.readouterr().err
+    )
+    assert main(["run", str(path), "--dry-run", "--set", "objective.terms.9.weight=1"]) == 2
+    assert "objective.terms is a list of 2: '9' is no index" in capsys.readouterr().err

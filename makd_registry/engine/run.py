@@ -47,6 +47,7 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     dry_run: bool = False
+    overrides: tuple[str, ...] = ()
 
 
 def _device(training: TrainingSection) -> torch.device:
@@ -82,7 +83,9 @@ class Run:
         pm = make_plugin_manager()
         self.registry = make_registry(pm)
         self.architectures = make_architecture_registry(pm)
-        self.resolved = load_objective(self.path, self.registry, architectures=self.architectures)
+        self.resolved = load_objective(
+            self.path, self.registry, architectures=self.architectures, overrides=options.overrides
+        )
         self.spec = self.resolved.spec
         self.base_dir = self.resolved.base_dir
         if self.spec.student is None:
@@ -341,6 +344,10 @@ class Run:
             (run_dir / "objective.yaml").write_text(
                 self.path.read_text(encoding="utf-8"), encoding="utf-8"
             )
+            if self.options.overrides:
+                (run_dir / "overrides.txt").write_text(
+                    "".join(f"--set {o}\n" for o in self.options.overrides), encoding="utf-8"
+                )
             (run_dir / "objective.resolved.json").write_text(
                 json.dumps(self.resolved.dump(), indent=2) + "\n", encoding="utf-8"
             )

@@ -59,7 +59,11 @@ class ResolvedObjective:
 
 
 def load_objective(
-    path: str | Path, registry: AspectRegistry, *, architectures: Any = None
+    path: str | Path,
+    registry: AspectRegistry,
+    *,
+    architectures: Any = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> ResolvedObjective:
     """Read, validate and resolve the objective file at ``path``.
 
@@ -75,7 +79,12 @@ def load_objective(
             [Diagnostic(1, 1, "<file>", f"cannot read: {exc}", str(path))]
         ) from None
     return resolve_text(
-        text, str(path), registry, base_dir=path.resolve().parent, architectures=architectures
+        text,
+        str(path),
+        registry,
+        base_dir=path.resolve().parent,
+        architectures=architectures,
+        overrides=overrides,
     )
 
 
@@ -86,9 +95,15 @@ def resolve_text(
     *,
     base_dir: Path | None = None,
     architectures: Any = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> ResolvedObjective:
-    """Validate and resolve objective-file ``text``; ``file`` is the name used in messages."""
+    """Validate and resolve objective-file ``text``; ``file`` is the name used in messages.
+    ``overrides`` are ``KEY=VALUE`` settings applied before validation (``--set``)."""
     data, smap = load_yaml(text, file)
+    if overrides:
+        from .overrides import apply_overrides
+
+        data = apply_overrides(data, list(overrides))
     return resolve_data(
         data, smap, registry, base_dir=base_dir or Path.cwd(), architectures=architectures
     )
