@@ -23,6 +23,11 @@ from .plan import CapturePlan
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``batch`` a transformers model takes."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None}
+
+
 class FeatureExtractor:
     """Capture an objective's features from a teacher and a student.
 
@@ -104,11 +109,10 @@ class FeatureExtractor:
         ``teacher_features`` (features, module inputs) replaces the teacher forward, e.g.
         with values read from a teacher-output cache.
         """
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None}
+        inputs = model_inputs(batch)
         t_feats, t_inputs = (
             teacher_features if teacher_features is not None else self.run_teacher(inputs)
         )
-        self.last_teacher = (t_feats, t_inputs)
         cap = self.student
         cap.recording = True
         try:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..capture import CapturePlan
-from ..capture.extractor import FeatureExtractor
+from ..capture.extractor import FeatureExtractor, model_inputs
 from ..data.collate import collate
 from ..features import Feature
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -174,12 +174,9 @@ class Trainer:
         fx = self.extractor()
         total = 0.0
         for batch in self.micro_batches():
-            cached = self._cached_teacher(fx, batch)
+            teacher = self._teacher_from_cache(fx, batch)
             with self.autocast():
-                features, _ = fx(batch, step=self.step, teacher_features=cached)
-            if cached is None and self.teacher_cache is not None and fx.teacher is not None:
-                self._store_teacher(fx, batch)
-            with self.autocast():
+                features, _ = fx(batch, step=self.step, teacher_features=teacher)
                 if "generated" in batch:  # the SeqKD pass's teacher targets
                     features.teacher_features[(Feature.GENERATED, None)] = batch["generated"]
                 if self.is_qa:
@@ -236,24 +233,28 @@ class Trainer:
             )
         return caches[stage]
 
-    def _cached_teacher(self, fx: FeatureExtractor, batch: dict) -> Any:
+    def _teacher_from_cache(self, fx: FeatureExtractor, batch: dict) -> Any:
+        """With the teacher cache: the batch's teacher features read from it, or (first
+        epoch) computed, stored, and returned. None without a cache (``fx`` runs the
+        teacher itself)."""
         cache = self.teacher_cache
-        if cache is None or not cache.complete or fx.teacher is None:
+        if cache is None or fx.teacher is None:
             return None
-        dtype = next(self.teacher.parameters()).dtype
-        return cache.assemble(
-            batch["index"].tolist(),
-            batch["input_ids"].shape[1],
-            fx.plan,
-            self.device,
-            dtype,
-            getattr(self.teacher.config, "vocab_size", None),
-        )
-
-    def _store_teacher(self, fx: FeatureExtractor, batch: dict) -> None:
-        lengths = batch["attention_mask"].sum(-1).tolist()
-        feats, inputs = fx.last_teacher
-        self.teacher_cache.store(batch["index"].tolist(), lengths, feats, inputs)
+        indices = batch["index"].tolist()
+        if cache.complete:
+            dtype = next(self.teacher.parameters()).dtype
+            return cache.assemble(
+                indices,
+                batch["input_ids"].shape[1],
+                fx.plan,
+                self.device,
+                dtype,
+                getattr(self.teacher.config, "vocab_size", None),
+            )
+        with self.autocast():
+            feats, inputs = fx.run_teacher(model_inputs(batch))
+        cache.store(indices, batch["attention_mask"].sum(-1).tolist(), feats, inputs)
+        return feats, inputs
 
     def _average_gradients(self) -> None:
         """Data parallelism: average every trainable gradient (student and aspect modules)
