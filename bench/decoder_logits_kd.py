@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from rss import reset_peak, status_mb  # noqa: E402  (bench/ on sys.path)
 
 from makd_registry.losses import kd_divergence
 
@@ -58,20 +59,6 @@ def run(variant: str, student, teacher, mask, chunk: int) -> None:
         naive(student, teacher, mask) if variant == "naive" else makd(student, teacher, mask, chunk)
     )
     loss.backward()
-
-
-def status_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def reset_peak() -> None:
-    """Linux: reset the peak resident size (VmHWM) to the current one."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
 
 
 def child(args) -> None:

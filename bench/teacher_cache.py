@@ -25,11 +25,7 @@ from pathlib import Path
 import datasets
 import torch
 from enc384 import padded_batch  # noqa: E402  (bench/ on sys.path)
-from train_step import Makd, models  # noqa: E402
-
-from makd_registry.engine.trainer import Trainer
-from makd_registry.objective.sections import TeacherCacheSection, TrainingSection
-from makd_registry.testing import registry_with, resolve
+from train_step import tinybert_trainer  # noqa: E402
 
 
 class Data:
@@ -48,26 +44,9 @@ class Data:
         self.validation = None
 
 
-def trainer(args, data, cache_dir: Path | None) -> Trainer:
-    teacher, student, adapter = models("sdpa")
-    root = resolve(Makd.OBJECTIVE, registry_with()).root
-    training = TrainingSection(
-        steps=10**6,
-        batch_size=args.batch,
-        learning_rate=1e-4,
-        teacher_cache=TeacherCacheSection() if cache_dir else None,
-    )
-    return Trainer(
-        student=student,
-        student_adapter=adapter,
-        root=root,
-        data=data,
-        training=training,
-        pad_id=0,
-        device=torch.device("cpu"),
-        teacher=teacher,
-        teacher_adapter=adapter,
-        cache_dir=cache_dir,
+def trainer(args, data, cache_dir: Path | None):
+    return tinybert_trainer(
+        args.batch, data, teacher_cache=cache_dir is not None, cache_dir=cache_dir
     )
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from enc384 import PAIRS, TEACHER, padded_batch  # noqa: E402  (bench/ on sys.path)
+from rss import reset_peak, status_mb  # noqa: E402
 
 CONFIG = TEACHER
 
@@ -115,29 +116,39 @@ objective:
 """
 
     def __init__(self, args) -> None:
-        from makd_registry.engine.trainer import Trainer
-        from makd_registry.objective.sections import TrainingSection
-        from makd_registry.testing import registry_with, resolve
-
-        teacher, student, adapter = models("sdpa")
-        root = resolve(self.OBJECTIVE, registry_with()).root
-        data = _Data(args.batch, args.seq)
-        training = TrainingSection(steps=10**6, batch_size=args.batch, learning_rate=1e-4)
-        self.trainer = Trainer(
-            student=student,
-            student_adapter=adapter,
-            root=root,
-            data=data,
-            training=training,
-            pad_id=0,
-            device=torch.device("cpu"),
-            teacher=teacher,
-            teacher_adapter=adapter,
-        )
+        self.trainer = tinybert_trainer(args.batch, _Data(args.batch, args.seq))
 
     def step(self, batch) -> float:
         self.trainer.data.next = batch
         return self.trainer.train_step().loss
+
+
+def tinybert_trainer(batch: int, data, *, teacher_cache: bool = False, cache_dir=None):
+    """An engine ``Trainer`` for the enc384 case and :attr:`Makd.OBJECTIVE`."""
+    from makd_registry.engine.trainer import Trainer
+    from makd_registry.objective.sections import TeacherCacheSection, TrainingSection
+    from makd_registry.testing import registry_with, resolve
+
+    teacher, student, adapter = models("sdpa")
+    root = resolve(Makd.OBJECTIVE, registry_with()).root
+    training = TrainingSection(
+        steps=10**6,
+        batch_size=batch,
+        learning_rate=1e-4,
+        teacher_cache=TeacherCacheSection() if teacher_cache else None,
+    )
+    return Trainer(
+        student=student,
+        student_adapter=adapter,
+        root=root,
+        data=data,
+        training=training,
+        pad_id=0,
+        device=torch.device("cpu"),
+        teacher=teacher,
+        teacher_adapter=adapter,
+        cache_dir=cache_dir,
+    )
 
 
 class _Data:
@@ -169,25 +180,11 @@ def peak_memory(variant: str, args) -> None:
     runner.step(batch_of(args.batch, args.seq, 0))  # allocator warm-up, optimizer state
     batches = [batch_of(args.batch, args.seq, i + 1) for i in range(args.memory_steps)]
     reset_peak()  # forget the peak of building the models
-    before = status_kb("VmRSS")
+    before = status_mb("VmRSS") * 1024
     for batch in batches:
         runner.step(batch)
-    after = status_kb("VmHWM")
+    after = status_mb("VmHWM") * 1024
     print(json.dumps({"variant": variant, "before_kb": before, "after_kb": after}))
-
-
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def reset_peak() -> None:
-    """Linux: reset the peak resident size (VmHWM) to the current one."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
 
 
 def main() -> None:
