@@ -30,7 +30,9 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "MASK_VALUE",
     "attention_kl",
+    "attention_kl_from_scores",
     "attention_log_probs",
+    "attention_scores",
     "cross_entropy",
     "hidden_mse",
     "kd_divergence",
@@ -182,6 +184,33 @@ def attention_log_probs(
         queries are the uniform distribution over their allowed keys; a row with no allowed
         key at all is uniform over all ``T`` keys. Every entry is finite.
     """
+    scores = attention_scores(
+        query,
+        key,
+        scale=scale,
+        attention_mask=attention_mask,
+        causal=causal,
+        temperature=temperature,
+    )
+    return F.log_softmax(scores, dim=-1)
+
+
+@_fp32
+def attention_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scale: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The pre-softmax attention scores ``(B, H, T, T)`` of :func:`attention_log_probs`, in fp32.
+
+    ``log_softmax`` of the result over the last dimension is :func:`attention_log_probs`;
+    excluded keys hold exactly :data:`MASK_VALUE`. The student side of
+    :func:`attention_kl_from_scores` takes these.
+    """
     if query.dim() != 4 or key.dim() != 4:
         raise ValueError(
             f"query and key must be 4-D (B, H, T, d) / (B, Hkv, T, d), got "
@@ -216,7 +245,7 @@ def attention_log_probs(
     valid = _key_validity(b, t, attention_mask, causal, q.device)
     if valid is not None:
         scores = scores.masked_fill_(~valid, MASK_VALUE)  # matmul's backward needs q, k only
-    return F.log_softmax(scores, dim=-1)
+    return scores
 
 
 @_fp32
@@ -323,6 +352,84 @@ def attention_kl(
     if isinstance(n_rows, torch.Tensor):
         return total / n_rows.clamp_min(1.0)
     return total / max(n_rows, 1.0)
+
+
+class _FusedAttentionKL(torch.autograd.Function):
+    """Attention KL from the student's scores with the scores' gradient computed in the same
+    pass (one ``(B, H, T, T)`` buffer kept for backward instead of the log-softmax output,
+    the masks and the KL's intermediates). ``d/ds`` of ``KL(A_T‖A_S)`` per row is
+    ``A_S − A_T``; of ``KL(A_S‖A_T)`` it is ``A_S ⊙ (log A_S − log A_T − KL_row)``."""
+
+    @staticmethod
+    def forward(ctx, scores, teacher_logp, query_valid, n_rows, reverse):  # type: ignore[override]
+        ls = F.log_softmax(scores, dim=-1)
+        lt = teacher_logp.float().clamp_min(MASK_VALUE)
+        if reverse:
+            diff = ls - lt
+            ps = ls.exp_()
+            kl = (ps * diff).sum(-1)
+            grad = diff.sub_(kl[..., None]).mul_(ps)
+        else:
+            pt = lt.exp()
+            kl = (lt - ls).mul_(pt).sum(-1)
+            grad = ls.exp_().sub_(pt)
+        if query_valid is not None:  # (B, 1, T): padded query rows count for nothing
+            kl = torch.where(query_valid, kl, 0.0)
+            grad = grad.masked_fill_(~query_valid[..., None], 0.0)
+        grad = grad.div_(n_rows)
+        ctx.save_for_backward(grad)
+        return kl.sum() / n_rows
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        # in place, like _FusedKL: a second backward (retain_graph) fails autograd's check
+        return grad.mul_(grad_output), None, None, None, None
+
+
+@_fp32
+def attention_kl_from_scores(
+    teacher_logp: torch.Tensor,
+    student_scores: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    direction: Direction = "forward",
+) -> torch.Tensor:
+    r""":func:`attention_kl` with the student given as pre-softmax scores (from
+    :func:`attention_scores`): the same value, computed with about half the memory traffic.
+
+    When the scores need a gradient, the log-softmax, the KL and the scores' gradient are
+    computed in one fused pass, and only that gradient is kept for backward (the teacher gets
+    no gradient). Otherwise this is ``attention_kl(teacher_logp, log_softmax(scores))``.
+    Excluded keys must hold :data:`MASK_VALUE` on both sides (as :func:`attention_scores`
+    and :func:`attention_log_probs` produce).
+    """
+    if teacher_logp.shape != student_scores.shape:
+        raise ValueError(
+            f"teacher_logp {tuple(teacher_logp.shape)} and student_scores "
+            f"{tuple(student_scores.shape)} must have the same shape"
+        )
+    if teacher_logp.dim() != 4 or teacher_logp.shape[-1] != teacher_logp.shape[-2]:
+        raise ValueError(f"log-probabilities must be (B, H, T, T), got {tuple(teacher_logp.shape)}")
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    if not (torch.is_grad_enabled() and student_scores.requires_grad):
+        return attention_kl(
+            teacher_logp,
+            F.log_softmax(student_scores.float(), dim=-1),
+            attention_mask,
+            direction=direction,
+        )
+    b, h, t, _ = teacher_logp.shape
+    if attention_mask is None:
+        query_valid, n_rows = None, float(max(b * h * t, 1))
+    else:  # the row count stays a tensor: no host synchronisation on accelerators
+        m = _as_bool_mask(attention_mask, (b, t), "attention_mask").to(student_scores.device)
+        query_valid = m[:, None, :]
+        n_rows = (m.sum().to(torch.float32) * h).clamp_min(1.0)
+    return _FusedAttentionKL.apply(
+        student_scores.float(), teacher_logp.detach(), query_valid, n_rows, direction == "reverse"
+    )
 
 
 @_fp32

@@ -75,27 +75,38 @@ class AttentionKL(Aspect):
                 )
 
     def _log_probs(self, features, side: str, layer: int):
+        """Teacher side: log-probabilities (from Q/K or from the captured probabilities)."""
+        from makd_registry import losses
+
+        if self.config.source == "probs":
+            get = features.teacher if side == "teacher" else features.student
+            mask, causal = features.attention_mask, features.causal
+            logp = losses.probs_to_log_probs(get(Feature.ATTENTION_PROBS, layer), mask, causal)
+            if self.config.temperature != 1.0:
+                import torch
+
+                logp = torch.log_softmax(logp / self.config.temperature, dim=-1)
+            return logp
+        import torch
+
+        return torch.log_softmax(self._scores(features, side, layer), dim=-1)
+
+    def _scores(self, features, side: str, layer: int):
+        """Pre-softmax scores from the captured queries and keys (``source: qk``)."""
         from makd_registry import losses
 
         get = features.teacher if side == "teacher" else features.student
         mask, causal, tau = features.attention_mask, features.causal, self.config.temperature
-        if self.config.source == "probs":
-            logp = losses.probs_to_log_probs(get(Feature.ATTENTION_PROBS, layer), mask, causal)
-            if tau != 1.0:
-                import torch
-
-                logp = torch.log_softmax(logp / tau, dim=-1)
-            return logp
         query = get(Feature.ATTENTION_QUERY, layer)
         key = get(Feature.ATTENTION_KEY, layer)
         r = self.config.relation_heads
         if r is None:
             info = features.teacher_info if side == "teacher" else features.student_info
             scale = info.attention_scale if info is not None else None
-            return losses.attention_log_probs(
+            return losses.attention_scores(
                 query, key, scale=scale, attention_mask=mask, causal=causal, temperature=tau
             )
-        return losses.attention_log_probs(
+        return losses.attention_scores(
             _split_relation_heads(query, r),
             _split_relation_heads(_expand_kv(key, query), r),
             attention_mask=mask,
@@ -103,18 +114,19 @@ class AttentionKL(Aspect):
             temperature=tau,
         )
 
-    def loss(self, features):
-        from makd_registry.losses import attention_kl
+    def _pair_loss(self, features, s: int, t: int):
+        from makd_registry import losses
 
-        terms = [
-            attention_kl(
-                self._log_probs(features, "teacher", t),
-                self._log_probs(features, "student", s),
-                features.attention_mask,
-                direction=self.config.direction,
-            )
-            for s, t in self.pairs
-        ]
+        teacher = self._log_probs(features, "teacher", t)
+        mask, direction = features.attention_mask, self.config.direction
+        if self.config.source == "qk":  # fused: the scores' gradient in the same pass
+            student = self._scores(features, "student", s)
+            return losses.attention_kl_from_scores(teacher, student, mask, direction=direction)
+        student = self._log_probs(features, "student", s)
+        return losses.attention_kl(teacher, student, mask, direction=direction)
+
+    def loss(self, features):
+        terms = [self._pair_loss(features, s, t) for s, t in self.pairs]
         return sum(terms[1:], terms[0]) / len(terms) if terms else features.zero()
 
 

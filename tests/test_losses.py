@@ -434,6 +434,66 @@ def test_attention_kl_ignores_junk_in_excluded_entries_of_given_log_probs():
             assert (g.masked_select(~excluded.expand_as(g)) != 0).any()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("scale", [3.0, 1.0])
+def test_attention_kl_from_scores_equals_attention_kl_in_value_and_gradient(
+    causal, direction, scale
+):
+    lp_t = attention_log_probs(Q_T, K_T, attention_mask=MASK, causal=causal)
+    q = Q_S.clone().requires_grad_(True)
+    k = K_S.clone().requires_grad_(True)
+    want = attention_kl(
+        lp_t,
+        attention_log_probs(q, k, attention_mask=MASK, causal=causal),
+        MASK,
+        direction=direction,
+    )
+    want_g = torch.autograd.grad(want * scale, (q, k))
+    got = L.attention_kl_from_scores(
+        lp_t,
+        L.attention_scores(q, k, attention_mask=MASK, causal=causal),
+        MASK,
+        direction=direction,
+    )
+    got_g = torch.autograd.grad(got * scale, (q, k))
+    ref = ref_attention_kl(
+        ref_attention_probs(Q_T, K_T, MASK, causal),
+        ref_attention_probs(Q_S, K_S, MASK, causal),
+        MASK,
+        direction,
+    )
+    assert got.item() == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert b.abs().max() > 1e-4  # the comparison is not between zeros
+
+
+def test_attention_kl_from_scores_keeps_only_the_gradient_and_ignores_teacher_junk():
+    gen = torch.Generator().manual_seed(5)
+    lp_t = attention_log_probs(Q_T, K_T, attention_mask=MASK)
+    pad = (MASK == 0)[:, None, :, None].expand_as(lp_t)
+    dirty_t = torch.where(pad, junk_like(lp_t, gen), lp_t)  # padded query rows: junk
+    scores = L.attention_scores(Q_S, K_S, attention_mask=MASK).requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda x: saved.append(tuple(x.shape)) or x, lambda x: x
+    ):
+        out = L.attention_kl_from_scores(dirty_t, scores, MASK)
+    assert saved == [tuple(scores.shape)]  # one (B, H, T, T) buffer, nothing else
+    assert out.item() == pytest.approx(
+        attention_kl(lp_t, scores.log_softmax(-1), MASK).item(), rel=1e-6
+    )
+    (g,) = torch.autograd.grad(out, scores)
+    assert torch.isfinite(g).all() and (g[pad] == 0).all()
+    with torch.no_grad():  # no gradient needed: the plain path, same value
+        assert L.attention_kl_from_scores(dirty_t, scores, MASK).item() == pytest.approx(
+            out.item(), rel=1e-6
+        )
+    with pytest.raises(ValueError, match="same shape"):
+        L.attention_kl_from_scores(lp_t, scores[:, :1])
+
+
 def test_attention_kl_errors():
     a = torch.zeros(2, 2, 4, 4)
     with pytest.raises(ValueError, match=r"\(2, 2, 4, 4\).*\(2, 3, 4, 4\)"):

@@ -60,9 +60,11 @@ objective: {{type: seqkd}}
     batch = collate(list(data.train), 0)
     teacher = load_student(teacher_dir)
     with torch.no_grad():
-        predicted = teacher(input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"],
-                            token_type_ids=batch["token_type_ids"]).logits.argmax(-1)
+        predicted = teacher(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+        ).logits.argmax(-1)
     assert torch.equal(predicted, labels)
     # a second run reuses the cache
     assert main(["run", str(objective), "--output", str(tmp_path / "b")]) == 0
