@@ -469,27 +469,27 @@ def test_attention_kl_from_scores_equals_attention_kl_in_value_and_gradient(
         assert b.abs().max() > 1e-4  # the comparison is not between zeros
 
 
-def test_attention_kl_from_scores_keeps_only_the_gradient_and_ignores_teacher_junk():
-    gen = torch.Generator().manual_seed(5)
+def test_attention_kl_from_scores_keeps_only_the_gradient_and_takes_minus_inf_masks():
     lp_t = attention_log_probs(Q_T, K_T, attention_mask=MASK)
-    pad = (MASK == 0)[:, None, :, None].expand_as(lp_t)
-    dirty_t = torch.where(pad, junk_like(lp_t, gen), lp_t)  # padded query rows: junk
+    key_pad = (MASK == 0)[:, None, None, :].expand_as(lp_t)
+    query_pad = (MASK == 0)[:, None, :, None].expand_as(lp_t)
+    minus_inf_t = lp_t.masked_fill(key_pad, float("-inf"))  # the -inf masking convention
     scores = L.attention_scores(Q_S, K_S, attention_mask=MASK).requires_grad_(True)
+    assert (scores[key_pad] == MASK_VALUE).all()  # excluded keys hold exactly MASK_VALUE
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(
         lambda x: saved.append(tuple(x.shape)) or x, lambda x: x
     ):
-        out = L.attention_kl_from_scores(dirty_t, scores, MASK)
+        out = L.attention_kl_from_scores(minus_inf_t, scores, MASK)
     assert saved == [tuple(scores.shape)]  # one (B, H, T, T) buffer, nothing else
-    assert out.item() == pytest.approx(
-        attention_kl(lp_t, scores.log_softmax(-1), MASK).item(), rel=1e-6
-    )
+    want = attention_kl(lp_t, scores.log_softmax(-1), MASK).item()
+    assert out.item() == pytest.approx(want, rel=1e-6)
     (g,) = torch.autograd.grad(out, scores)
-    assert torch.isfinite(g).all() and (g[pad] == 0).all()
+    assert torch.isfinite(g).all() and (g[query_pad] == 0).all() and (g[key_pad] == 0).all()
+    assert g.abs().max() > 0
     with torch.no_grad():  # no gradient needed: the plain path, same value
-        assert L.attention_kl_from_scores(dirty_t, scores, MASK).item() == pytest.approx(
-            out.item(), rel=1e-6
-        )
+        plain = L.attention_kl_from_scores(minus_inf_t, scores, MASK).item()
+    assert plain == pytest.approx(out.item(), rel=1e-6)
     with pytest.raises(ValueError, match="same shape"):
         L.attention_kl_from_scores(lp_t, scores[:, :1])
 
