@@ -371,17 +371,20 @@ class _FusedAttentionKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, teacher_logp, query_valid, n_rows, reverse):  # type: ignore[override]
+        # Probabilities come from softmax, never from exp(log p): excluded keys hold about
+        # MASK_VALUE, and a plain exp of such underflowing inputs takes a slow path on CPU
+        # (several times slower than the whole softmax kernel).
         ls = F.log_softmax(scores, dim=-1)
+        ps = torch.softmax(scores, dim=-1)
         lt = teacher_logp.float().clamp_min(MASK_VALUE)
         if reverse:
-            diff = ls - lt
-            ps = ls.exp_()
+            diff = ls.sub_(lt)
             kl = (ps * diff).sum(-1)
             grad = diff.sub_(kl[..., None]).mul_(ps)
         else:
-            pt = lt.exp()
-            kl = (lt - ls).mul_(pt).sum(-1)
-            grad = ls.exp_().sub_(pt)
+            pt = torch.softmax(lt, dim=-1)  # = exp(lt): the rows are normalised
+            kl = lt.sub_(ls).mul_(pt).sum(-1)  # lt is a fresh tensor (clamp_min)
+            grad = ps.sub_(pt)
         if query_valid is None:
             grad = grad.div_(n_rows)
         else:  # (B, 1, T): padded query rows count for nothing (a product: no masked_fill pass)
