@@ -11,8 +11,10 @@ Variants (each builds its own identical models; all see the same 16 rows):
                    ``output_hidden_states`` / ``output_attentions``, the losses in plain torch);
 * ``makd``         makd's engine (``Trainer.train_step``): hooks at the mapped layers only,
                    attention distributions from the captured Q/K, the models keep SDPA;
-* ``makd_cache``   the same with ``training.teacher_cache`` (the teacher's features read from
-                   the memory-mapped cache written in the first epoch, as in epochs 2+);
+* ``makd_eager``   the same engine with both models built with eager attention instead of
+                   SDPA (what a capture that needs ``output_attentions`` would force);
+* ``makd_cache``   ``makd`` with ``training.teacher_cache`` (the teacher's features read from the
+                   memory-mapped cache written in the first epoch, as in epochs 2+);
 * ``textbrewer``   TextBrewer's ``GeneralDistiller``: ``train_on_batch`` (its forwards, adaptors
                    and losses: ``hidden_mse``, ``attention_ce`` on log-probabilities, ``kd_loss``
                    ce at temperature 2) followed by the body of its ``train_with_num_steps``
@@ -48,7 +50,7 @@ from enc384 import PAIRS, padded_batch  # noqa: E402  (bench/ on sys.path)
 from rss import reset_peak, status_mb  # noqa: E402
 from train_step import HandLoop, models, tinybert_trainer  # noqa: E402
 
-VARIANTS = ["loop", "makd", "makd_cache", "textbrewer", "torchdistill"]
+VARIANTS = ["loop", "makd", "makd_eager", "makd_cache", "textbrewer", "torchdistill"]
 
 
 def the_batch(args) -> dict[str, torch.Tensor]:
@@ -86,11 +88,11 @@ class Loop:
 class Makd:
     """The engine; its training set is exactly the batch's rows (one step per epoch)."""
 
-    def __init__(self, args, batch, cache: bool = False) -> None:
+    def __init__(self, args, batch, cache: bool = False, attn: str = "sdpa") -> None:
         self._tmp = tempfile.TemporaryDirectory() if cache else None
         cache_dir = Path(self._tmp.name) if self._tmp else None
         self.trainer = tinybert_trainer(
-            args.batch, _dataset(batch), teacher_cache=cache, cache_dir=cache_dir
+            args.batch, _dataset(batch), teacher_cache=cache, cache_dir=cache_dir, attn=attn
         )
 
     def step(self) -> None:
@@ -192,6 +194,8 @@ def build(variant: str, args, batch):
         return Loop(args, batch)
     if variant == "makd":
         return Makd(args, batch)
+    if variant == "makd_eager":
+        return Makd(args, batch, attn="eager")
     if variant == "makd_cache":
         return Makd(args, batch, cache=True)
     if variant == "textbrewer":
@@ -232,6 +236,31 @@ def measure_memory(variant: str, args) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def plot(result: dict, path: Path) -> None:
+    """Per-round steps/s ratios to the loop (box and dots) and peak memory ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["variants"])
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    speed.boxplot([result["variants"][n]["ratios"] for n in names], tick_labels=names)
+    for i, n in enumerate(names, start=1):
+        values = result["variants"][n]["ratios"]
+        speed.scatter([i] * len(values), values, s=8, color="k", zorder=3)
+    speed.axhline(1.0, color="grey", ls="--", lw=1)
+    speed.set_ylabel("steps/s ÷ hand-written loop's (per round)")
+    speed.set_title(f"enc384 training step, {result['rounds']} interleaved rounds")
+    memory.bar(names, [result["variants"][n]["peak_ratio_to_loop"] for n in names])
+    memory.axhline(1.0, color="grey", ls="--", lw=1)
+    memory.set_ylabel("peak RSS ÷ loop's")
+    memory.set_title("peak memory during training steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=16)
@@ -242,6 +271,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results" / "peers",
+        help="where peers.json and peers.png are written",
+    )
     args = parser.parse_args()
     if args.child:
         child_memory(args.child, args)
@@ -286,6 +321,9 @@ def main() -> None:
             "peak_rss_mb": memory[name]["peak_mb"],
             "peak_ratio_to_loop": memory[name]["peak_mb"] / memory["loop"]["peak_mb"],
         }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peers.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out / "peers.png")
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -123,13 +123,16 @@ objective:
         return self.trainer.train_step().loss
 
 
-def tinybert_trainer(batch: int, data, *, teacher_cache: bool = False, cache_dir=None):
-    """An engine ``Trainer`` for the enc384 case and :attr:`Makd.OBJECTIVE`."""
+def tinybert_trainer(
+    batch: int, data, *, teacher_cache: bool = False, cache_dir=None, attn: str = "sdpa"
+):
+    """An engine ``Trainer`` for the enc384 case and :attr:`Makd.OBJECTIVE` (models running
+    ``attn`` attention: makd's capture does not depend on it)."""
     from makd_registry.engine.trainer import Trainer
     from makd_registry.objective.sections import TeacherCacheSection, TrainingSection
     from makd_registry.testing import registry_with, resolve
 
-    teacher, student, adapter = models("sdpa")
+    teacher, student, adapter = models(attn)
     root = resolve(Makd.OBJECTIVE, registry_with()).root
     training = TrainingSection(
         steps=10**6,
