@@ -318,6 +318,7 @@ def main() -> None:
                 "median": statistics.median(ratio),
                 "max": max(ratio),
             },
+            "ratios": ratio,
             "peak_rss_mb": memory[name]["peak_mb"],
             "peak_ratio_to_loop": memory[name]["peak_mb"] / memory["loop"]["peak_mb"],
         }
