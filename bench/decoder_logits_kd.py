@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from rss import reset_peak, status_mb  # noqa: E402  (bench/ on sys.path)
+from rss import reset_peak, run_child, status_mb  # noqa: E402  (bench/ on sys.path)
 
 from makd_registry.losses import kd_divergence
 
@@ -104,23 +102,17 @@ def main() -> None:
     ratios = [m / n for m, n in zip(times["makd"], times["naive"], strict=True)]
     extra: dict[str, list[float]] = {"naive": [], "makd": []}
     for variant in ("naive", "makd", "naive", "makd"):
-        cmd = [
-            sys.executable,
+        out = run_child(
             __file__,
-            "--child",
             variant,
-            "--threads",
-            str(args.threads),
-            "--batch",
-            str(args.batch),
-            "--seq",
-            str(args.seq),
-            "--vocab",
-            str(args.vocab),
-            "--chunk",
-            str(args.chunk),
-        ]
-        out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            {
+                "threads": args.threads,
+                "batch": args.batch,
+                "seq": args.seq,
+                "vocab": args.vocab,
+                "chunk": args.chunk,
+            },
+        )
         extra[variant].append(out["peak_mb"] - out["before_mb"])
     result = {
         "case": f"decoder logits_kd, B={args.batch} T={args.seq} V={args.vocab}",

@@ -38,8 +38,6 @@ import argparse
 import importlib.util
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +45,7 @@ from pathlib import Path
 import datasets
 import torch
 from enc384 import PAIRS, padded_batch  # noqa: E402  (bench/ on sys.path)
-from rss import reset_peak, status_mb  # noqa: E402
+from rss import reset_peak, run_child, status_mb  # noqa: E402
 from train_step import HandLoop, models, tinybert_trainer  # noqa: E402
 
 VARIANTS = ["loop", "makd", "makd_eager", "makd_cache", "textbrewer", "torchdistill"]
@@ -216,24 +214,13 @@ def child_memory(variant: str, args) -> None:
 
 
 def measure_memory(variant: str, args) -> dict[str, float]:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        variant,
-        "--threads",
-        str(args.threads),
-        "--batch",
-        str(args.batch),
-        "--seq",
-        str(args.seq),
-        "--memory-steps",
-        str(args.memory_steps),
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"{variant} memory child failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    options = {
+        "threads": args.threads,
+        "batch": args.batch,
+        "seq": args.seq,
+        "memory_steps": args.memory_steps,
+    }
+    return run_child(__file__, variant, options)
 
 
 def plot(result: dict, path: Path) -> None:

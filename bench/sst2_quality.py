@@ -157,16 +157,8 @@ def markdown(result: dict) -> str:
         f"parameters. Students: {result['steps']} steps, batch {result['batch_size']}, "
         f"lr {result['learning_rate']}.",
         "",
-        "| student | objective | dev accuracy (mean ± std) | seeds | s/step | "
-        "non-embedding params |",
-        "|---|---|---|---|---|---|",
+        *study.markdown_table(rows, ["student", "objective"], "dev accuracy", 4),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['student']} | {r['objective']} | {r['mean']:.4f} ± {r['std']:.4f} | "
-            f"{r['seeds']} | {r['seconds_per_step']:.3f} | {r['student_non_embedding']:,} "
-            f"({r['student_non_embedding'] / r['teacher_non_embedding']:.0%}) |"
-        )
     return "\n".join(lines) + "\n"
 
 

@@ -79,6 +79,24 @@ def aggregate(run_dirs: list[Path], metric: str) -> dict[str, Any] | None:
     }
 
 
+def markdown_table(rows: list[dict[str, Any]], columns: list[str], metric: str, digits: int
+                   ) -> list[str]:  # fmt: skip
+    """A markdown table of aggregated rows: the ``columns`` keys, then the metric's mean ± std,
+    the number of seeds, seconds per step and the student's non-embedding parameters."""
+    head = [*columns, f"{metric} (mean ± std)", "seeds", "s/step", "non-embedding params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        share = r["student_non_embedding"] / r["teacher_non_embedding"]
+        cells = [str(r[c]) for c in columns] + [
+            f"{r['mean']:.{digits}f} ± {r['std']:.{digits}f}",
+            str(r["seeds"]),
+            f"{r['seconds_per_step']:.3f}",
+            f"{r['student_non_embedding']:,} ({share:.0%})",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def bar_plot(groups: dict[str, list[dict[str, Any]]], path: Path, ylabel: str, title: str,
              highlight: str = "makd", lower_is_better: bool = False) -> None:  # fmt: skip
     """One panel per group: mean ± std bars, the seeds as dots, the teacher as a dashed line."""

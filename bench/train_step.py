@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 import transformers
 from enc384 import PAIRS, TEACHER, padded_batch  # noqa: E402  (bench/ on sys.path)
-from rss import reset_peak, status_mb  # noqa: E402
+from rss import reset_peak, run_child, status_mb  # noqa: E402
 
 CONFIG = TEACHER
 
@@ -219,21 +217,16 @@ def main() -> None:
     speed = [b / a for a, b in zip(times["makd"], times["loop"], strict=True)]  # steps/s ratio
     memory = {}
     for variant in ("makd", "loop", "makd", "loop"):
-        cmd = [
-            sys.executable,
+        out = run_child(
             __file__,
-            "--child",
             variant,
-            "--threads",
-            str(args.threads),
-            "--batch",
-            str(args.batch),
-            "--seq",
-            str(args.seq),
-            "--memory-steps",
-            str(args.memory_steps),
-        ]
-        out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            {
+                "threads": args.threads,
+                "batch": args.batch,
+                "seq": args.seq,
+                "memory_steps": args.memory_steps,
+            },
+        )
         growth = (out["after_kb"] - out["before_kb"]) / 1024
         peak = out["after_kb"] / 1024
         memory.setdefault(variant, []).append((growth, peak))
