@@ -278,3 +278,15 @@ def test_set_overrides_settings_and_is_recorded(tmp_path, capsys):
     )
     assert main(["run", str(path), "--dry-run", "--set", "objective.terms.9.weight=1"]) == 2
     assert "objective.terms is a list of 2: '9' is no index" in capsys.readouterr().err
+
+
+def test_teacher_training_shows_its_own_progress(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MAKD_CACHE_DIR", str(tmp_path / "fresh-cache"))  # the teacher is trained
+    path = write_objective(tmp_path, steps=2)
+    assert main(["run", str(path), "--output", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err
+    assert "training the teacher (4 steps" in printed
+    lines = printed.splitlines()
+    assert any(line.startswith("teacher ━") and " 4/4 " in line for line in lines), printed
+    assert any(line.startswith("train ━") and " 2/2 " in line for line in lines), printed

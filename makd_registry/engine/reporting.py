@@ -49,7 +49,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 class StepProgress:
     """A rich progress bar: steps, steps/s, ETA and the main loss terms."""
 
-    def __init__(self, total: int, start: int, console: Console, terms: list[str]) -> None:
+    def __init__(
+        self, total: int, start: int, console: Console, terms: list[str], label: str = "train"
+    ) -> None:
         self.console = console
         self.terms = terms
         self.progress = Progress(
@@ -64,9 +66,7 @@ class StepProgress:
             console=console,
             transient=False,
         )
-        self.task = self.progress.add_task(
-            "train", total=total, completed=start, rate="-", losses=""
-        )
+        self.task = self.progress.add_task(label, total=total, completed=start, rate="-", losses="")
         self.start_time = time.perf_counter()
         self.start_step = start
 

@@ -235,9 +235,12 @@ class Run:
                 world_size=self.world.world_size,
             )
             start = time.perf_counter()
+            console = self.console if self.world.main else Console(quiet=True)
             try:
-                while trainer.step < training.steps:
-                    trainer.train_step()
+                with StepProgress(training.steps, 0, console, [], label="teacher") as progress:
+                    while trainer.step < training.steps:
+                        result = trainer.train_step()
+                        progress.update(result.step, result.loss, {})
             finally:
                 trainer.close()
             scores = self._evaluate(model, data, tokenizer)
