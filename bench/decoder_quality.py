@@ -16,7 +16,7 @@ an instruction follower, so its generations for instructions would score noise.
 Finished runs are skipped (``<out>/runs/<objective>/seed<k>`` with ``summary.json``);
 ``--report`` only writes ``<out>/decoder.json``, ``decoder.md`` and ``decoder.png``.
 
-    python bench/decoder_quality.py                    # about an hour per seed on 2 cores
+    python bench/decoder_quality.py                    # about 1 h 40 min on 2 cores
     python bench/decoder_quality.py --seeds 0 --steps 300
     python bench/decoder_quality.py --report
 """
@@ -97,16 +97,8 @@ def markdown(result: dict) -> str:
         f"parameters. Students (2 layers): {result['steps']} steps, batch "
         f"{result['batch_size']} x 128 tokens.",
         "",
-        "| objective | validation perplexity (mean ± std) | seeds | s/step | "
-        "non-embedding params |",
-        "|---|---|---|---|---|",
+        *study.markdown_table(rows, ["objective"], "validation perplexity", 2),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['objective']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['seeds']} | "
-            f"{r['seconds_per_step']:.3f} | {r['student_non_embedding']:,} "
-            f"({r['student_non_embedding'] / r['teacher_non_embedding']:.0%}) |"
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -115,9 +107,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "decoder")
     parser.add_argument("--objectives", nargs="+", choices=NAMES, default=NAMES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--teacher-steps", type=int, default=2000)
+    parser.add_argument("--teacher-steps", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only write the tables")
     args = parser.parse_args()
