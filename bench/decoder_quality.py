@@ -5,10 +5,11 @@ Teacher: the GPT-2-style 6 x 384 model of ``objectives/decoder-*.yaml`` (byte-le
 (``--teacher-steps``; cached in ``$MAKD_CACHE_DIR`` and shared by every run). Students:
 2 layers initialised from teacher layers 2 and 5 (a third of the non-embedding parameters),
 trained with the ``objective:`` of ``decoder-kd.yaml`` (word-level logits KD),
-``decoder-seqkd.yaml`` (CE on the teacher's greedy continuations), ``decoder-makd.yaml``,
-and ``ce`` (no KD, the reference). Same steps, batch, learning rate and data for all; only
-the seed changes. Metric: perplexity on the held-out split (``data/tinyshakespeare/
-valid.txt``), teacher beside student.
+``decoder-seqkd.yaml`` (CE on the teacher's greedy continuations), the same with sampled
+continuations (``seqkd-sample``: greedy text from a small teacher degenerates into loops),
+``decoder-makd.yaml``, and ``ce`` (no KD, the reference). Same steps, batch, learning
+rate and data for all; only the seed changes. Metric: perplexity on the held-out split
+(``data/tinyshakespeare/valid.txt``), teacher beside student.
 
 Rouge-L on Self-Instruct is not measured: the teacher is a Shakespeare language model, not
 an instruction follower, so its generations for instructions would score noise.
@@ -16,7 +17,7 @@ an instruction follower, so its generations for instructions would score noise.
 Finished runs are skipped (``<out>/runs/<objective>/seed<k>`` with ``summary.json``);
 ``--report`` only writes ``<out>/decoder.json``, ``decoder.md`` and ``decoder.png``.
 
-    python bench/decoder_quality.py                    # about 1 h 40 min on 2 cores
+    python bench/decoder_quality.py                    # about 2 hours on 2 cores
     python bench/decoder_quality.py --seeds 0 --steps 300
     python bench/decoder_quality.py --report
 """
@@ -31,7 +32,7 @@ import study  # noqa: E402  (bench/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ROOT / "objectives"
-NAMES = ["ce", "kd", "seqkd", "makd"]
+NAMES = ["ce", "kd", "seqkd", "seqkd-sample", "makd"]
 
 
 def objective_file(args, name: str) -> dict:
@@ -50,6 +51,9 @@ def objective_file(args, name: str) -> dict:
     )
     if name == "ce":
         base["objective"] = {"type": "ce", "name": "ce"}
+    elif name == "seqkd-sample":  # the teacher samples its continuations instead of greedy
+        objective = study.load_objective(OBJECTIVES / "decoder-seqkd.yaml")["objective"]
+        base["objective"] = {**objective, "decoding": "sample", "temperature": 1.0}
     else:
         base["objective"] = study.load_objective(OBJECTIVES / f"decoder-{name}.yaml")["objective"]
     return base
