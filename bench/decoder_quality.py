@@ -85,6 +85,7 @@ def report(args) -> dict:
             "validation perplexity",
             "Tiny Shakespeare",
             lower_is_better=True,
+            log=True,
         )
     print(markdown(result))
     return result

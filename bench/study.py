@@ -98,8 +98,12 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str], metric: str, 
 
 
 def bar_plot(groups: dict[str, list[dict[str, Any]]], path: Path, ylabel: str, title: str,
-             highlight: str = "makd", lower_is_better: bool = False) -> None:  # fmt: skip
-    """One panel per group: mean ± std bars, the seeds as dots, the teacher as a dashed line."""
+             highlight: str = "makd", lower_is_better: bool = False, log: bool = False
+             ) -> None:  # fmt: skip
+    """One panel per group: mean ± std bars, the seeds as dots, the teacher as a dashed line.
+
+    ``log`` puts the metric on a log scale (perplexities that differ by orders of magnitude).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,8 +124,12 @@ def bar_plot(groups: dict[str, list[dict[str, Any]]], path: Path, ylabel: str, t
         ax.axhline(rows[0]["teacher"], color="k", ls="--", lw=1, label="teacher")
         ax.set_xticks(xs, [r["objective"] for r in rows], rotation=35, ha="right")
         values = [v for r in rows for v in r["values"]] + [rows[0]["teacher"]]
-        span = max(values) - min(values) or 1.0
-        ax.set_ylim(min(values) - 0.15 * span, max(values) + 0.15 * span)
+        if log:
+            ax.set_yscale("log")
+            ax.set_ylim(min(values) / 1.15, max(values) * 1.15)
+        else:
+            span = max(values) - min(values) or 1.0
+            ax.set_ylim(min(values) - 0.15 * span, max(values) + 0.15 * span)
         ax.set_title(f"{title}, {group}")
         ax.set_ylabel(ylabel + (" (lower is better)" if lower_is_better else ""))
         ax.legend(loc="best")
