@@ -7,9 +7,10 @@ Teacher: the GPT-2-style 6 x 384 model of ``objectives/decoder-*.yaml`` (byte-le
 trained with the ``objective:`` of ``decoder-kd.yaml`` (word-level logits KD),
 ``decoder-seqkd.yaml`` (CE on the teacher's greedy continuations), the same with sampled
 continuations (``seqkd-sample``: greedy text from a small teacher degenerates into loops),
-``decoder-makd.yaml``, and ``ce`` (no KD, the reference). Same steps, batch, learning
-rate and data for all; only the seed changes. Metric: perplexity on the held-out split
-(``data/tinyshakespeare/valid.txt``), teacher beside student.
+``decoder-makd.yaml``, MaKD without its matrix group (``makd-no-matrix``), and ``ce`` (no
+KD, the reference). Same steps, batch, learning rate and data for all; only the seed
+changes. Metric: perplexity on the held-out split (``data/tinyshakespeare/valid.txt``),
+teacher beside student.
 
 Rouge-L on Self-Instruct is not measured: the teacher is a Shakespeare language model, not
 an instruction follower, so its generations for instructions would score noise.
@@ -32,7 +33,7 @@ import study  # noqa: E402  (bench/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ROOT / "objectives"
-NAMES = ["ce", "kd", "seqkd", "seqkd-sample", "makd"]
+NAMES = ["ce", "kd", "seqkd", "seqkd-sample", "makd", "makd-no-matrix"]
 
 
 def objective_file(args, name: str) -> dict:
@@ -54,6 +55,9 @@ def objective_file(args, name: str) -> dict:
     elif name == "seqkd-sample":  # the teacher samples its continuations instead of greedy
         objective = study.load_objective(OBJECTIVES / "decoder-seqkd.yaml")["objective"]
         base["objective"] = {**objective, "decoding": "sample", "temperature": 1.0}
+    elif name == "makd-no-matrix":  # the ablation: layer-wise and logits terms only
+        objective = study.load_objective(OBJECTIVES / "decoder-makd.yaml")["objective"]
+        base["objective"] = study.without(objective, "matrix")
     else:
         base["objective"] = study.load_objective(OBJECTIVES / f"decoder-{name}.yaml")["objective"]
     return base

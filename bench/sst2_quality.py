@@ -60,7 +60,7 @@ def objective_section(name: str, student: str, steps: int) -> dict:
             "makd-no-hidden": ("layerwise", "hidden_mse"),
             "makd-no-matrix": ("matrix", None),
         }[name]
-        return _without(tree, drop) if drop else tree
+        return study.without(tree, *drop) if drop else tree
     tree = _load(f"{name}.yaml")["objective"]
     if tree.get("type") == "stages":
         first = max(1, round(steps * STAGE_SHARE))
@@ -71,21 +71,6 @@ def objective_section(name: str, student: str, steps: int) -> dict:
 
 def _load(file: str) -> dict:
     return study.load_objective(OBJECTIVES / file)
-
-
-def _without(tree: dict, drop: tuple[str, str | None]) -> dict:
-    group, term = drop
-    tree = copy.deepcopy(tree)
-    kept = []
-    for child in tree["terms"]:
-        if child.get("name") != group:
-            kept.append(child)
-        elif term is not None:
-            child["terms"] = [t for t in child["terms"] if t["type"] != term]
-            kept.append(child)
-    tree["terms"] = kept
-    tree["name"] = tree.get("name", "makd")
-    return tree
 
 
 def objective_file(args, student: str, name: str) -> dict:

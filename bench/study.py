@@ -7,6 +7,7 @@ scratch (``--overwrite``), so a study can be stopped at any point and started ag
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -22,6 +23,22 @@ import yaml
 def load_objective(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f)
+
+
+def without(tree: dict[str, Any], group: str, term: str | None = None) -> dict[str, Any]:
+    """An ablation of an objective tree: its child group ``group`` dropped, or only the
+    ``term`` terms (by type) inside that group."""
+    tree = copy.deepcopy(tree)
+    kept = []
+    for child in tree["terms"]:
+        if child.get("name") != group:
+            kept.append(child)
+        elif term is not None:
+            child["terms"] = [t for t in child["terms"] if t["type"] != term]
+            kept.append(child)
+    tree["terms"] = kept
+    tree["name"] = tree.get("name", "makd")
+    return tree
 
 
 def run(spec: dict[str, Any], spec_path: Path, run_dir: Path, seed: int, threads: int) -> Path:
