@@ -290,3 +290,30 @@ def test_teacher_training_shows_its_own_progress(tmp_path, capsys, monkeypatch):
     lines = printed.splitlines()
     assert any(line.startswith("teacher ━") and " 4/4 " in line for line in lines), printed
     assert any(line.startswith("train ━") and " 2/2 " in line for line in lines), printed
+
+
+@pytest.mark.parametrize("whose", ["teacher", "student"])
+def test_a_non_finite_loss_stops_the_run_and_caches_nothing(tmp_path, capsys, monkeypatch, whose):
+    from makd_registry.engine.trainer import StepResult, Trainer
+
+    cache = tmp_path / "fresh-cache"
+    monkeypatch.setenv("MAKD_CACHE_DIR", str(cache))
+    real = Trainer.train_step
+    calls = {"n": 0}
+
+    def train_step(self):  # the teacher's 4 steps come first, then the student's
+        calls["n"] += 1
+        result = real(self)
+        bad = calls["n"] == 2 if whose == "teacher" else calls["n"] == 6
+        return StepResult(result.step, float("nan"), {}, result.lr) if bad else result
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    path = write_objective(tmp_path, steps=3)
+    assert main(["run", str(path), "--output", str(tmp_path / "run")]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    if whose == "teacher":
+        assert "the teacher's own loss is nan at step 2" in err
+        assert not list(cache.glob("teachers/*/makd_student.json"))
+    else:
+        assert "the student's loss is nan at step 2" in err
+        assert list(cache.glob("teachers/*/makd_student.json"))

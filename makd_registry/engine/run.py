@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -104,6 +105,10 @@ class Run:
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _bar_console(self) -> Console:
+        """Progress bars show on the main process only."""
+        return self.console if self.world.main else Console(quiet=True)
 
     def say(self, text: str) -> None:
         if self.world.main:
@@ -235,11 +240,11 @@ class Run:
                 world_size=self.world.world_size,
             )
             start = time.perf_counter()
-            console = self.console if self.world.main else Console(quiet=True)
             try:
-                with StepProgress(training.steps, 0, console, [], label="teacher") as progress:
+                bar = StepProgress(training.steps, 0, self._bar_console(), [], label="teacher")
+                with bar as progress:
                     while trainer.step < training.steps:
-                        result = trainer.train_step()
+                        result = _finite_step(trainer, "the teacher's own")
                         progress.update(result.step, result.loss, {})
             finally:
                 trainer.close()
@@ -392,14 +397,12 @@ class Run:
         fault = int(os.environ.get(FAULT_ENV, "0") or 0)
         top_terms = [c.path for c in self.resolved.root.children][:3]
         student_eval: dict[str, float] = {}
-        console = self.console if self.world.main else Console(quiet=True)
         start = time.perf_counter()
-        with StepProgress(training.steps, trainer.step, console, top_terms) as progress:
+        bar = StepProgress(training.steps, trainer.step, self._bar_console(), top_terms)
+        with bar as progress:
             while trainer.step < training.steps:
-                result = trainer.train_step()
+                result = _finite_step(trainer, "the student's")
                 step = result.step
-                if not torch.isfinite(torch.tensor(result.loss)):
-                    raise MakdError(f"the loss is {result.loss} at step {step}")
                 if self.world.main:
                     progress.update(step, result.loss, result.terms)
                     if step % training.log_every == 0 or step == training.steps:
@@ -504,3 +507,11 @@ def _pad_id(tokenizer: Any) -> int:
 
 def _fmt_scores(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) or "no validation data"
+
+
+def _finite_step(trainer: Trainer, whose: str) -> Any:
+    """One training step; a non-finite loss stops the run before it is saved or cached."""
+    result = trainer.train_step()
+    if not math.isfinite(result.loss):
+        raise MakdError(f"{whose} loss is {result.loss} at step {result.step}")
+    return result
