@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
 
+#: error type of an unknown aspect type while some plugin failed to load: the file may be
+#: right and a broken plugin the cause (a plugin failure, exit code 3)
+UNKNOWN_WITH_FAILED_PLUGINS = "unknown_aspect_plugin_failed"
+
 
 class AspectConfig(StrictModel):
     """Options every objective node has: its ``type``, ``name`` and ``weight``.
@@ -189,7 +193,7 @@ def _validate_node(value: Any, handler: Any, info: ValidationInfo) -> AspectConf
         note = f"; plugins that failed to load: {', '.join(failed)}" if failed else ""
         raise_at(
             ("type",),
-            "unknown_aspect",
+            UNKNOWN_WITH_FAILED_PLUGINS if failed else "unknown_aspect",
             "unknown aspect type '{kind}'{hint} (registered: {known}){note}",
             kind,
             kind=kind,

@@ -44,13 +44,7 @@ def _load(path: str, registry: Any) -> Any:
     from .models import make_architecture_registry
     from .objective import load_objective
 
-    try:
-        return load_objective(path, registry, architectures=make_architecture_registry())
-    except ObjectiveError as exc:
-        failed = set(registry.failed_plugins())
-        if failed and any("failed to load" in d.message for d in exc.diagnostics):
-            exc.exit_code = ExitCode.PLUGIN  # the file may be fine: a plugin it needs is broken
-        raise
+    return load_objective(path, registry, architectures=make_architecture_registry())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ with :data:`ExitCode.INTERNAL` and a traceback.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 
@@ -46,6 +46,9 @@ class Diagnostic:
 
     ``line`` and ``column`` are 1-based. ``path`` is the dotted path of the offending
     YAML node (``objective.terms[1].temperature``), or ``<yaml>`` for syntax errors.
+    ``code`` is the failure class the problem belongs to: the file itself is wrong
+    (``INVALID_INPUT``), or it names a model (``MODEL``), data (``DATA``) or plugin
+    (``PLUGIN``) that cannot be used.
     """
 
     line: int
@@ -53,16 +56,25 @@ class Diagnostic:
     path: str
     message: str
     file: str = ""
+    code: ExitCode = field(default=ExitCode.INVALID_INPUT, compare=False)
 
     def format(self) -> str:
         return f"{self.file}:{self.line}:{self.column}: {self.path}: {self.message}"
 
 
 class ObjectiveError(MakdError):
-    """The objective file is invalid; carries one or more located diagnostics."""
+    """The objective file is invalid; carries one or more located diagnostics.
 
-    exit_code = ExitCode.INVALID_INPUT
+    Its exit code is ``INVALID_INPUT`` when any diagnostic says the file itself is wrong,
+    else the code of the first diagnostic (a missing data file: ``DATA``)."""
 
     def __init__(self, diagnostics: list[Diagnostic]):
         self.diagnostics = sorted(diagnostics, key=lambda d: (d.line, d.column, d.path))
         super().__init__("\n".join(d.format() for d in self.diagnostics))
+
+    @property
+    def exit_code(self) -> ExitCode:  # type: ignore[override]
+        codes = [d.code for d in self.diagnostics]
+        if not codes or ExitCode.INVALID_INPUT in codes:
+            return ExitCode.INVALID_INPUT
+        return codes[0]

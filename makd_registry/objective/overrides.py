@@ -20,7 +20,7 @@ def _error(item: str, message: str) -> ObjectiveError:
     return ObjectiveError([Diagnostic(1, 1, item, message, SOURCE)])
 
 
-def apply_overrides(data: Any, overrides: list[str]) -> Any:
+def apply_overrides(data: Any, overrides: list[str], smap: Any = None) -> Any:
     """``data`` (the file's plain data) with every ``KEY=VALUE`` of ``overrides`` set."""
     for item in overrides:
         key, sep, raw = item.partition("=")

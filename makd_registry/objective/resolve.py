@@ -11,14 +11,15 @@ Three passes, each reporting every problem it finds as ``file:line:col: path: me
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from ..aspect import Aspect, AspectConfig, LayerwiseConfig
-from ..errors import Diagnostic, ObjectiveError, PluginError
+from ..aspect import UNKNOWN_WITH_FAILED_PLUGINS, Aspect, AspectConfig, LayerwiseConfig
+from ..errors import Diagnostic, ExitCode, ObjectiveError, PluginError
 from ..features import FeatureRequest
 from ..mapping import LayerPair, MappingError
 from ..registry import AspectRegistry
@@ -31,7 +32,7 @@ from .depths import (
 )
 from .sections import ObjectiveFile
 from .source import Path as YPath
-from .source import SourceMap, load_yaml
+from .source import SourceMap, load_yaml, read_objective_text
 
 #: pydantic error types that blame a key rather than its value
 _KEY_ERRORS = {"unknown_key", "extra_forbidden", "key_type"}
@@ -70,14 +71,7 @@ def load_objective(
     With an ``architectures`` registry, models whose ``model_type`` is known at validation
     time (inline configs, local directories) must have an architecture adapter."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ObjectiveError([Diagnostic(1, 1, "<file>", "no such file", str(path))]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ObjectiveError(
-            [Diagnostic(1, 1, "<file>", f"cannot read: {exc}", str(path))]
-        ) from None
+    text = read_objective_text(path)
     return resolve_text(
         text,
         str(path),
@@ -103,7 +97,7 @@ def resolve_text(
     if overrides:
         from .overrides import apply_overrides
 
-        data = apply_overrides(data, list(overrides))
+        data = apply_overrides(data, list(overrides), smap)
     return resolve_data(
         data, smap, registry, base_dir=base_dir or Path.cwd(), architectures=architectures
     )
@@ -149,6 +143,8 @@ def pydantic_diagnostics(
                 if got and not (isinstance(err["input"], str) and got in message):
                     message += f" (got {got})"
             diag = smap.diagnostic(path, message, key=kind in _KEY_ERRORS)
+            if kind == UNKNOWN_WITH_FAILED_PLUGINS:
+                diag = dataclasses.replace(diag, code=ExitCode.PLUGIN)
         out.setdefault((path, message), diag)
     return list(out.values())
 

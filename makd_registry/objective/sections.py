@@ -180,6 +180,12 @@ class DataSection(StrictModel):
         default=None, min_length=1, description="Second text of pair_classification."
     )
     label_column: str = Field(default="label", min_length=1)
+    labels: list[str | int] | None = Field(
+        default=None,
+        min_length=2,
+        description="Classification: the label values in class-id order (e.g. [neg, pos]); "
+        "default: integer labels as given, or the sorted distinct string labels of train.",
+    )
     question_column: str = Field(default="question", min_length=1, description="qa: question.")
     context_column: str = Field(default="context", min_length=1, description="qa: context.")
     answers_column: str = Field(default="answers", min_length=1, description="qa: answers.")

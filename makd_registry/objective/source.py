@@ -60,6 +60,22 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
+def read_objective_text(path: Path | Any) -> str:
+    """The text of the objective file at ``path``; :class:`ObjectiveError` when it cannot
+    be read."""
+    from pathlib import Path as FilePath
+
+    path = FilePath(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ObjectiveError([Diagnostic(1, 1, "<file>", "no such file", str(path))]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ObjectiveError(
+            [Diagnostic(1, 1, "<file>", f"cannot read: {exc}", str(path))]
+        ) from None
+
+
 def load_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     """Parse ``text`` into plain data and a :class:`SourceMap`; raise :class:`ObjectiveError`."""
     smap = SourceMap(file)
