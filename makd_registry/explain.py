@@ -9,21 +9,24 @@ from rich.tree import Tree
 from .aspect import Aspect
 from .features import summarize
 from .objective.resolve import ResolvedObjective
+from .weighting import effective_weights
 
 
 def _pairs(aspect: Aspect) -> str:
     return " ".join(f"{s}→{t}" for s, t in aspect.pairs)
 
 
-def node_dict(aspect: Aspect, parent_weight: float = 1.0) -> dict[str, Any]:
-    """One node (and its subtree) as plain data."""
-    effective = parent_weight * aspect.weight
+def node_dict(aspect: Aspect, effective: dict[str, float] | None = None) -> dict[str, Any]:
+    """One node (and its subtree) as plain data; ``effective`` maps each path to the factor
+    its loss is trained with (:func:`~makd_registry.weighting.effective_weights`)."""
+    if effective is None:
+        effective = effective_weights(aspect)
     out: dict[str, Any] = {
         "name": aspect.display_name,
         "path": aspect.path,
         "type": aspect.name,
         "weight": aspect.weight,
-        "effective_weight": effective,
+        "effective_weight": effective[aspect.path],
     }
     layers = getattr(aspect.config, "layers", None)
     if layers is not None:

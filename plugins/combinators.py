@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from makd_registry import Aspect, AspectNode, LayerwiseConfig, hookimpl
 from makd_registry.aspect import NAME_PATTERN, AspectConfig
 from makd_registry.strict import StrictModel, raise_at
+from makd_registry.weighting import weighted_loss
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,7 @@ class Sum(Aspect):
         for child in self.children:
             if child.weight == 0:
                 continue  # a switched-off term costs nothing
-            term = child.weight * child.loss(features)
+            term = weighted_loss(child, features)
             total = term if total is None else total + term
         return features.zero() if total is None else total
 
@@ -99,8 +100,7 @@ class Stages(Aspect):
         return len(self.config.stages) - 1
 
     def loss(self, features: FeatureSet) -> torch.Tensor:
-        child = self.children[self.stage_at(features.step)]
-        return child.weight * child.loss(features)
+        return weighted_loss(self.children[self.stage_at(features.step)], features)
 
 
 @hookimpl
