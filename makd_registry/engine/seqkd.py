@@ -62,16 +62,16 @@ def generate_targets(
     device: torch.device,
     autocast: Any,
     max_length: int,
-    seed: int,
 ) -> dict[str, torch.Tensor]:
-    """The teacher's targets for every training row (see the module docstring)."""
+    """The teacher's targets for every training row (see the module docstring). Sampling
+    draws from the caller's random stream (the run's ``seqkd`` stream)."""
     teacher.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = int(pad or 0)
     train = data.train
     if data.task == "causal_lm":
         return _generate_lm(
-            teacher, train, tokenizer, config, batch_size, device, autocast, max_length, pad, seed
+            teacher, train, tokenizer, config, batch_size, device, autocast, max_length, pad
         )
     outputs = []
     for start in range(0, len(train), batch_size):
@@ -87,7 +87,7 @@ def generate_targets(
 
 
 def _generate_lm(
-    teacher, train, tokenizer, config, batch_size, device, autocast, max_length, pad, seed
+    teacher, train, tokenizer, config, batch_size, device, autocast, max_length, pad
 ) -> dict[str, torch.Tensor]:
     new = min(config.max_new_tokens, max_length - 1)
     prompt_len = max_length - new
@@ -98,7 +98,6 @@ def _generate_lm(
         kwargs.update(do_sample=False, num_beams=config.num_beams)
     else:
         kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
-    torch.manual_seed(seed)
     ids_out, gen_out = [], []
     for start in range(0, len(train), batch_size):
         rows = train.select(range(start, min(start + batch_size, len(train))))
