@@ -13,13 +13,22 @@ Conventions shared by every function here:
   ``inf``/``nan``/huge numbers, and they receive exactly zero gradient.
 * Excluded attention keys get the finite score :data:`MASK_VALUE` (not ``-inf``) so that
   ``0 * log 0`` style products are ``0 * finite`` and never ``nan``.
+* Every mean divides its sum by :func:`global_count` of the number of elements it averages.
+  Alone that is the count itself (at least 1); inside :func:`global_mean_scope` (the trainer,
+  with several processes) it is the count summed over all processes divided by their number,
+  so that averaging the processes' losses and gradients gives the mean over the *global*
+  batch exactly, however the valid tokens are spread over the processes. Each function
+  calls :func:`global_count` exactly once per call, whatever its inputs, so every process
+  makes the same collective calls in the same order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from functools import partial
 from typing import Any, Literal
 
@@ -34,6 +43,8 @@ __all__ = [
     "attention_log_probs",
     "attention_scores",
     "cross_entropy",
+    "global_count",
+    "global_mean_scope",
     "hidden_mse",
     "kd_divergence",
     "masked_mean",
@@ -111,6 +122,40 @@ def _key_validity(
 # reductions
 # --------------------------------------------------------------------------------------------
 
+#: the active count reduction (see :func:`global_mean_scope`); None = this batch alone
+_COUNT_REDUCER: ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = ContextVar(
+    "makd_count_reducer", default=None
+)
+
+
+def global_count(count: torch.Tensor | int | float, device: Any = None) -> torch.Tensor:
+    r"""The denominator of a mean over ``count`` elements of this batch (fp32 scalar).
+
+    Outside :func:`global_mean_scope` it is ``max(count, 1)``. Inside, it is what the scope's
+    reducer returns for it: for data parallelism over :math:`R` processes,
+    :math:`\max(\sum_r n_r, 1) / R`, so that :math:`\frac1R\sum_r S_r / (N/R) = \sum_r S_r / N`
+    is the mean over the global batch. An aspect that computes a mean itself should divide
+    by ``global_count(n)`` too (and call it on every process, also when ``n`` is 0).
+    """
+    if not isinstance(count, torch.Tensor):
+        count = torch.tensor(float(count), dtype=torch.float32, device=device)
+    count = count.detach().to(torch.float32)
+    reducer = _COUNT_REDUCER.get()
+    if reducer is None:
+        return count.clamp_min(1.0)
+    return reducer(count)
+
+
+@contextlib.contextmanager
+def global_mean_scope(reducer: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, :func:`global_count` returns ``reducer(count)``."""
+    token = _COUNT_REDUCER.set(reducer)
+    try:
+        yield
+    finally:
+        _COUNT_REDUCER.reset(token)
+
+
 
 @_fp32
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -131,7 +176,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     """
     values = values.float()
     if mask is None:
-        return values.mean()
+        return values.sum() / global_count(values.numel(), values.device)
     if values.dim() < 2:
         raise ValueError(
             f"values must be (B, T, ...) when a mask is given, got {tuple(values.shape)}"
@@ -141,7 +186,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     m_full = m.reshape(m.shape + (1,) * (values.dim() - 2))
     total = torch.where(m_full, values, values.new_zeros(())).sum()
     count = m.sum().to(torch.float32) * trailing
-    return total / count.clamp_min(1.0)
+    return total / global_count(count)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +386,7 @@ def attention_kl(
     ls = student_logp.float()
     if attention_mask is None:
         valid = None
-        n_rows = float(b * h * t)
+        n_rows = torch.tensor(float(b * h * t), device=lt.device)
     else:
         m = _as_bool_mask(attention_mask, (b, t), "attention_mask").to(lt.device)
         valid = m[:, None, :, None] & m[:, None, None, :]  # (B, 1, T, T): query & key valid
@@ -357,10 +402,7 @@ def attention_kl(
         terms = lt.exp() * (lt - ls)
     else:
         terms = ls.exp() * (ls - lt)
-    total = terms.sum()
-    if isinstance(n_rows, torch.Tensor):
-        return total / n_rows.clamp_min(1.0)
-    return total / max(n_rows, 1.0)
+    return terms.sum() / global_count(n_rows)
 
 
 class _FusedAttentionKL(torch.autograd.Function):
@@ -437,11 +479,12 @@ def attention_kl_from_scores(
         )
     b, h, t, _ = teacher_logp.shape
     if attention_mask is None:
-        query_valid, n_rows = None, float(max(b * h * t, 1))
+        query_valid = None
+        n_rows = global_count(b * h * t, student_scores.device)
     else:  # the row count stays a tensor: no host synchronisation on accelerators
         m = _as_bool_mask(attention_mask, (b, t), "attention_mask").to(student_scores.device)
         query_valid = m[:, None, :]
-        n_rows = (m.sum().to(torch.float32) * h).clamp_min(1.0)
+        n_rows = global_count(m.sum().to(torch.float32) * h)
     return _FusedAttentionKL.apply(
         student_scores.float(), teacher_logp.detach(), query_valid, n_rows, direction == "reverse"
     )
@@ -555,11 +598,11 @@ class _FusedKL(torch.autograd.Function):
     ``τ·p_S ⊙ (log p_S − log p_T − KL_row)/n``. The teacher gets no gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, index, chunk, temperature, reverse):  # type: ignore[override]
+    def forward(ctx, student, teacher, index, chunk, temperature, reverse, denominator):  # type: ignore[override]
         rows = student.shape[0] if index is None else index.numel()
         grad = torch.zeros_like(student)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        scale = temperature / max(rows, 1)
+        scale = temperature / denominator
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
             pick = None if index is None else index[start:stop]
@@ -584,14 +627,14 @@ class _FusedKL(torch.autograd.Function):
             else:
                 grad.index_copy_(0, pick, g)
         ctx.save_for_backward(grad)
-        return total * (temperature**2) / max(rows, 1)
+        return total * (temperature**2) / denominator
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         # scaled in place: the buffer is not needed after this backward (a second backward
         # with retain_graph fails loudly: autograd sees the saved tensor was modified)
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None
 
 
 def _chunk_divergence(
@@ -672,6 +715,7 @@ def kd_divergence(
         m = _as_bool_mask(mask, tuple(student_logits.shape[:-1]), "mask")
         index = m.reshape(-1).to(s_rows.device).nonzero().squeeze(1)
     n_rows = s_rows.shape[0] if index is None else index.numel()
+    denominator = global_count(n_rows, s_rows.device)
 
     fused = (
         chunk_size is not None
@@ -681,7 +725,9 @@ def kd_divergence(
         and s_rows.requires_grad
     )
     if fused:
-        return _FusedKL.apply(s_rows, t_rows, index, chunk_size, temperature, kind == "reverse")
+        return _FusedKL.apply(
+            s_rows, t_rows, index, chunk_size, temperature, kind == "reverse", denominator
+        )
     if chunk_size is None or n_rows <= chunk_size:
         if index is None:
             total = fn(s_rows, t_rows)
@@ -703,7 +749,7 @@ def kd_divergence(
             else:
                 part = _chunk_divergence(fn, *args)
             total = total + part
-    return total * (temperature**2) / max(n_rows, 1)
+    return total * (temperature**2) / denominator
 
 
 @_fp32
@@ -738,7 +784,7 @@ def cross_entropy(
     rows = logits.reshape(-1, logits.shape[-1])[valid.reshape(-1)].float()
     targets = labels.reshape(-1)[valid.reshape(-1)].long()
     total = F.cross_entropy(rows, targets, reduction="sum")
-    return total / max(rows.shape[0], 1)
+    return total / global_count(rows.shape[0], rows.device)
 
 
 def shift_for_causal_lm(
