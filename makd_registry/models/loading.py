@@ -37,6 +37,17 @@ class ModelError(MakdError):
     exit_code = ExitCode.MODEL
 
 
+class ConfigError(ModelError):
+    """An inline model config that transformers cannot use; ``key`` is the offending key
+    (None when the config as a whole is wrong). It is a mistake in the objective file."""
+
+    exit_code = ExitCode.INVALID_INPUT
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' progress bars and info/warning logs for the block: makd
@@ -84,22 +95,26 @@ def config_from_dict(values: dict[str, Any], what: str) -> Any:
     values = dict(values)
     model_type = values.pop("model_type", None)
     if not isinstance(model_type, str):
-        raise ModelError(f"{what}: an inline config needs 'model_type' (e.g. bert, gpt2, llama)")
+        raise ConfigError(
+            "an inline config needs 'model_type' (e.g. bert, gpt2, llama)", "model_type"
+        )
     try:
         config_cls = transformers.AutoConfig.for_model(model_type).__class__
-    except ValueError:
-        raise ModelError(f"{what}: transformers has no model_type {model_type!r}") from None
+    except (ValueError, KeyError):
+        raise ConfigError(
+            f"transformers has no model_type {model_type!r}", "model_type"
+        ) from None
     known = set(config_cls().to_dict()) | set(getattr(config_cls, "attribute_map", {}))
     known |= _COMMON_CONFIG_KEYS
     for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+        if not isinstance(key, str) or key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ModelError(f"{what}: '{key}' is not a {model_type} config key{hint}")
+            raise ConfigError(f"'{key}' is not a {model_type} config key{hint}", str(key))
     try:
         return transformers.AutoConfig.for_model(model_type, **values)
-    except (ValueError, TypeError) as exc:
-        raise ModelError(f"{what}: invalid {model_type} config: {exc}") from None
+    except Exception as exc:  # transformers validates values with many exception types
+        raise ConfigError(f"invalid {model_type} config: {_first_line(exc)}") from None
 
 
 def build_from_config(
@@ -112,7 +127,10 @@ def build_from_config(
 ) -> Any:
     """A randomly initialised model with ``head`` for ``config`` (a config or a dict)."""
     if isinstance(config, dict):
-        config = config_from_dict(config, what)
+        try:
+            config = config_from_dict(config, what)
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}", exc.key) from None
     adapter = registry.for_config(config)
     _check_head(adapter, head, what)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}

@@ -30,6 +30,7 @@ from .depths import (
     depth_from_model,
     is_local_data,
 )
+from .build import SOURCE_PATH, build_objective
 from .sections import ObjectiveFile
 from .source import Path as YPath
 from .source import SourceMap, load_yaml, read_objective_text
@@ -192,6 +193,10 @@ class _Resolver:
         root = self._build(self.spec.objective, ("objective",), None, "", is_root=True)
         if self.diags:
             raise ObjectiveError(self.diags)
+        if self.architectures is not None:
+            self._check_models(root)
+            if self.diags:
+                raise ObjectiveError(self.diags)
         return ResolvedObjective(
             file=self.smap.file,
             spec=self.spec,
@@ -294,6 +299,105 @@ class _Resolver:
             if not path.is_file():
                 self.error(("data", key), f"data file {path} does not exist")
 
+    # -- the models' shapes ------------------------------------------------------------
+
+    def _model_config(self, section: str, teacher_config: Any) -> Any:
+        """The transformers config of ``section``'s model when it can be known without a
+        download (inline, local directory, or derived from the teacher's), else None."""
+        import copy
+
+        from ..models.loading import ConfigError, config_from_dict
+
+        spec = getattr(self.spec, section)
+        if spec is None:
+            return None
+        if spec.config is not None:
+            try:
+                return config_from_dict(spec.config, f"{section}.config")
+            except ConfigError as exc:
+                if exc.key is not None and exc.key in spec.config:
+                    self.error((section, "config", exc.key), str(exc), key=True)
+                else:
+                    self.error((section, "config"), str(exc))
+                return None
+        if section == "student" and spec.model is None:  # built from the teacher
+            if teacher_config is None:
+                return None
+            config = copy.deepcopy(teacher_config)
+            if spec.teacher_layers is not None:
+                n = getattr(config, "num_hidden_layers", None)
+                config.num_hidden_layers = len(spec.teacher_layers)
+                types = getattr(config, "layer_types", None)
+                if isinstance(types, list) and isinstance(n, int) and len(types) == n:
+                    config.layer_types = [types[i] for i in spec.teacher_layers if i < n]
+            return config
+        if spec.model is None:
+            return None
+        try:
+            if config_from_model(spec.model, self.base_dir) is None:
+                return None  # a hub id: known when it is loaded
+        except DepthError:
+            return None  # reported with the depth
+        import transformers
+
+        from ..models.loading import resolve_model_ref
+
+        try:
+            return transformers.AutoConfig.from_pretrained(
+                resolve_model_ref(spec.model, self.base_dir)
+            )
+        except Exception as exc:  # transformers raises many kinds on a bad config.json
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.diags.append(
+                dataclasses.replace(
+                    self.smap.diagnostic(
+                        (section, "model"), f"cannot read the model's config: {first}"
+                    ),
+                    code=ExitCode.MODEL,
+                )
+            )
+            return None
+
+    def _check_models(self, root: Aspect) -> None:
+        """Checks that need the models' shapes: the inline configs' keys, the sequence
+        length against the position embeddings, and every aspect's ``build`` (on the meta
+        device: alignment widths, heads, ranks)."""
+        import copy
+
+        teacher = self._model_config("teacher", None)
+        student = self._model_config("student", teacher)
+        infos = {}
+        for section, config in (("teacher", teacher), ("student", student)):
+            if config is None:
+                continue
+            adapter = self.architectures.get(getattr(config, "model_type", None))
+            if adapter is None:
+                continue  # reported by _check_architecture
+            try:
+                infos[section] = adapter.model_info(config)
+            except Exception:
+                continue  # reported when the model is built
+            limit = getattr(config, "max_position_embeddings", None)
+            data = self.spec.data
+            if data is not None and isinstance(limit, int) and data.max_length > limit:
+                self.error(
+                    ("data", "max_length"),
+                    f"max_length {data.max_length} exceeds the {section}'s "
+                    f"max_position_embeddings ({limit})",
+                )
+        if self.diags or "student" not in infos:
+            return
+        if self.spec.teacher is not None and "teacher" not in infos:
+            return  # a hub teacher: checked by makd run
+        probe = copy.deepcopy(root)
+        try:
+            build_objective(
+                probe, infos.get("teacher", infos["student"]), infos["student"], self.smap,
+                meta=True,
+            )
+        except ObjectiveError as exc:
+            self.diags.extend(exc.diagnostics)
+
     # -- the tree ----------------------------------------------------------------------
 
     def _build(
@@ -355,6 +459,7 @@ class _Resolver:
                 return None
         try:
             aspect = cls(config, pairs=pairs, children=children, path=qual)
+            setattr(aspect, SOURCE_PATH, path)
             aspect.requires()
         except (ValueError, TypeError) as exc:
             self.error(path, f"'{config.type}' rejects this configuration: {exc}")
