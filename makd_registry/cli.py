@@ -1,8 +1,8 @@
 """The ``makd`` command line.
 
 Data goes to stdout (explain, aspects, plugins, schema); diagnostics and progress go to
-stderr. Exit codes are :class:`makd_registry.errors.ExitCode`: 2 for an invalid objective
-file or command line, 3 for a plugin failure, 4 for a runtime failure, 1 for a bug.
+stderr. Exit codes are :class:`makd_registry.errors.ExitCode` (listed by ``makd --help``):
+each failure class is a typed error raised where the problem is found.
 Plugins are loaded only when a command needs them, so ``makd --help`` always works.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .errors import ExitCode, MakdError, ObjectiveError
+from .errors import ExitCode, MakdError, ObjectiveError, exit_code_summary
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -260,8 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="makd",
         description="Knowledge distillation for Transformer language models: compose loss "
         "aspects in a YAML objective file.",
-        epilog="exit codes: 0 ok, 1 internal error, 2 invalid objective or usage, "
-        "3 plugin failure, 4 runtime failure, 5 model, tokenizer or student problem. "
+        epilog=f"exit codes: {exit_code_summary()}. "
         "Set MAKD_DISABLE_PLUGIN_AUTOLOAD=1 to skip "
         "third-party plugins, MAKD_DISABLED_PLUGINS=a,b to skip some.",
     )
@@ -348,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except KeyboardInterrupt:
         _err.print("interrupted", style="red")
-        return 130
+        return int(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         return 0
     except Exception:

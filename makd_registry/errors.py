@@ -20,6 +20,25 @@ class ExitCode(IntEnum):
     RUNTIME = 4  #: the run itself failed (training, device)
     MODEL = 5  #: a model, tokenizer or student cannot be loaded, built, captured or saved
     DATA = 6  #: a data file, dataset or column cannot be used
+    INTERRUPTED = 130  #: stopped by SIGINT/SIGTERM (a checkpoint was saved when training)
+
+
+#: what each exit code means, as ``makd --help``, the README and docs/running.md list it
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "ok",
+    ExitCode.INTERNAL: "internal error (a bug)",
+    ExitCode.INVALID_INPUT: "invalid objective, command line or run directory",
+    ExitCode.PLUGIN: "plugin failure",
+    ExitCode.RUNTIME: "runtime failure (non-finite loss, unreadable checkpoint)",
+    ExitCode.MODEL: "model, tokenizer or student problem",
+    ExitCode.DATA: "data problem",
+    ExitCode.INTERRUPTED: "interrupted (SIGINT/SIGTERM; resumable when training)",
+}
+
+
+def exit_code_summary() -> str:
+    """``0 ok, 1 internal error (a bug), ...``: the one list of exit codes."""
+    return ", ".join(f"{int(code)} {text}" for code, text in EXIT_CODE_MEANINGS.items())
 
 
 class MakdError(Exception):

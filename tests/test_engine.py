@@ -171,7 +171,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     first = makd("run", str(path), "--output", str(whole))
     assert first.returncode == 0, first.stderr
-    crash = makd("run", str(path), "--output", str(killed), env={"MAKD_FAULT_AT_STEP": "5"})
+    crash = makd("run", str(path), "--output", str(killed), env={"MAKD_FAULT": "after_step:5"})
     assert crash.returncode == -9, crash.stderr  # SIGKILL: no chance to clean up
     state = json.loads((killed / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4  # the last checkpoint before the kill

@@ -20,6 +20,9 @@ MAIN_METRIC = {
     "instruction": "rouge_l",
 }
 
+#: the longest answer span (in tokens) QA evaluation considers
+MAX_ANSWER_TOKENS = 30
+
 
 def _batches(dataset: Any, size: int, pad_id: int, device: torch.device):
     for start in range(0, len(dataset), size):
@@ -50,6 +53,7 @@ def evaluate(
         if data.task == "instruction":
             return _instruction(model, data, tokenizer, device, max_new_tokens, ctx)
         preds: list[Any] = []
+        spans: list[Any] = []
         labels: list[int] = []
         nll, tokens = 0.0, 0
         for start, batch in _batches(data.validation, batch_size, pad_id, device):
@@ -68,7 +72,8 @@ def evaluate(
                 nll += loss.item()
                 tokens += int((target != -100).sum())
             elif data.task == "qa":
-                preds += _qa_spans(out, data.validation_raw, start)
+                offsets = data.validation_raw["offsets"][start : start + len(out.start_logits)]
+                spans += qa_best_spans(out.start_logits, out.end_logits, offsets)
             else:
                 preds += out.logits.argmax(-1).tolist()
                 labels += batch["labels"].tolist()
@@ -76,34 +81,58 @@ def evaluate(
             mean = nll / max(tokens, 1)
             return {"perplexity": math.exp(min(mean, 700)), "loss": mean}
         if data.task == "qa":
+            preds = qa_predictions(spans, data.validation_raw)
             return squad_metrics(preds, data.validation_raw["answers"])
         return classification_metrics(preds, labels)
     finally:
         model.train(was_training)
 
 
-def _qa_spans(out: Any, raw: dict[str, Any], start: int, max_answer: int = 30) -> list[str]:
+def qa_best_spans(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    offsets: list[list[list[int] | None]],
+    max_answer: int = MAX_ANSWER_TOKENS,
+) -> list[tuple[float, int, int] | None]:
+    """The best span of each window: ``(score, first character, end character)`` in its
+    context, or None for a window without context tokens.
+
+    The score of tokens ``a..b`` is ``start[a] + end[b]``, over context tokens only
+    (``offsets[w][t]`` is None elsewhere: question, special and padding tokens), with
+    ``a <= b < a + max_answer``."""
+    starts, ends = start_logits.float(), end_logits.float()
+    width = starts.shape[1]
+    valid = torch.zeros(len(offsets), width, dtype=torch.bool)
+    for w, offs in enumerate(offsets):
+        valid[w, : len(offs)] = torch.tensor([o is not None for o in offs], dtype=torch.bool)
+    valid = valid.to(starts.device)
+    band = torch.ones(width, width, dtype=torch.bool, device=starts.device).triu()
+    band &= ~torch.ones(width, width, dtype=torch.bool, device=starts.device).triu(max_answer)
+    scores = starts[:, :, None] + ends[:, None, :]
+    allowed = band[None] & valid[:, :, None] & valid[:, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    best = scores.reshape(len(offsets), -1).max(-1)
+    out: list[tuple[float, int, int] | None] = []
+    for w, (score, flat) in enumerate(zip(best.values.tolist(), best.indices.tolist(), strict=True)):
+        if score == float("-inf"):
+            out.append(None)
+            continue
+        a, b = divmod(flat, width)
+        out.append((score, offsets[w][a][0], offsets[w][b][1]))
+    return out
+
+
+def qa_predictions(spans: list[tuple[float, int, int] | None], raw: dict[str, Any]) -> list[str]:
+    """One answer per question: the text of the best-scoring span over its windows
+    (``raw["example"][w]`` is the question of window ``w``), "" if none has context."""
+    best: dict[int, tuple[float, int, int]] = {}
+    for span, example in zip(spans, raw["example"], strict=True):
+        if span is not None and (example not in best or span[0] > best[example][0]):
+            best[example] = span
     texts = []
-    starts, ends = out.start_logits.float(), out.end_logits.float()
-    for i in range(starts.shape[0]):
-        offsets = raw["offsets"][start + i]
-        context = raw["context"][start + i]
-        valid = torch.tensor(
-            [o is not None for o in offsets] + [False] * (starts.shape[1] - len(offsets)),
-            device=starts.device,
-        )
-        s = starts[i].masked_fill(~valid, -1e9)
-        e = ends[i].masked_fill(~valid, -1e9)
-        scores = s[:, None] + e[None, :]
-        n = scores.shape[0]
-        allowed = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu()
-        allowed &= ~torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(max_answer)
-        best = int(scores.masked_fill(~allowed, -1e18).argmax())
-        a, b = divmod(best, n)
-        if offsets[a] is None or offsets[b] is None:
-            texts.append("")
-        else:
-            texts.append(context[offsets[a][0] : offsets[b][1]])
+    for i, context in enumerate(raw["context"]):
+        span = best.get(i)
+        texts.append(context[span[1] : span[2]] if span else "")
     return texts
 
 

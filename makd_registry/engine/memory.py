@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..features import Feature, ModelInfo
@@ -66,3 +67,16 @@ def estimate_memory(
     out["captured_features_per_micro_batch"] = captured / MB
     out["total_excluding_activations"] = sum(out.values())
     return {k: round(v, 1) for k, v in out.items()}
+
+
+def available_memory_mb(device: Any) -> float | None:
+    """Total memory of ``device`` in MB (physical RAM for the CPU), or None when unknown."""
+    try:
+        if getattr(device, "type", str(device)) == "cuda":
+            import torch
+
+            index = device.index if getattr(device, "index", None) is not None else 0
+            return torch.cuda.get_device_properties(index).total_memory / MB
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / MB
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None

@@ -1,45 +1,61 @@
 """``makd run``: from an objective file to a trained student, metrics and plots.
 
-Order of work: resolve the file; load the tokenizer and the data; build (and, with
-``teacher.finetune``, train or reuse) the teacher; build the student; check vocabularies and
-the capture plan; then train, evaluating on a schedule, checkpointing atomically, and finally
-write the student, ``metrics.jsonl`` and PNG plots into the run directory.
+A run has two phases.
+
+**Plan** (:meth:`Run.plan`), which writes nothing: resolve the file; check the run directory
+(writable; empty, ``--overwrite`` or a ``--resume`` whose objective is unchanged); load the
+tokenizers and the data and check them; build the teacher (the cached fine-tuned one when
+there is one) and the student; check vocabularies, the capture plan, every aspect against
+the models' shapes, the batch against the data, and the memory estimate against the machine.
+Any problem stops the run here with its exit code, before anything is written.
+
+**Act**: train the teacher when ``teacher.finetune`` asks and it is not cached (writing only
+the cache), run the SeqKD pass, then open the run directory (moving a previous run aside for
+``--overwrite``), train with evaluation, atomic checkpoints and stop requests (SIGINT/SIGTERM
+save a checkpoint and exit 130), and write the student, ``metrics.jsonl``, plots and
+``summary.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
-import os
-import shutil
-import signal
+import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
+from .. import __version__
 from ..capture import CapturePlan
-from ..errors import ExitCode, MakdError, ObjectiveError
+from ..errors import ObjectiveError, RuntimeFailure
 from ..objective.sections import TrainingSection
 from .distributed import World, close_world, init_world
 from .evaluate import MAIN_METRIC, evaluate
+from .faults import fault_point
 from .reporting import METRICS, MetricsLog, StepProgress, read_metrics
-from .trainer import Trainer, seed_everything
+from .rundir import (
+    OBJECTIVE_COPY,
+    OVERRIDES,
+    RESOLVED,
+    SUMMARY,
+    RunDirectory,
+    RunError,
+    fingerprint,
+    input_fingerprints,
+)
+from .seeding import purpose_seed, seed_all, seeded
+from .stopping import Interrupted, StopRequests
+from .trainer import Trainer
 
-CHECKPOINT = "checkpoint"
 STUDENT = "student"
-#: fault injection for tests: the process kills itself (SIGKILL) after this step
-FAULT_ENV = "MAKD_FAULT_AT_STEP"
 
-
-class RunError(MakdError):
-    """The run directory or the command line does not allow this run."""
-
-    exit_code = ExitCode.INVALID_INPUT
+__all__ = ["Run", "RunError", "RunOptions"]
 
 
 @dataclass
@@ -49,6 +65,29 @@ class RunOptions:
     overwrite: bool = False
     dry_run: bool = False
     overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class Plan:
+    """Everything :meth:`Run.plan` checked and built; nothing of it is on disk yet."""
+
+    teacher_tokenizer: Any
+    student_tokenizer: Any
+    data: Any
+    teacher: Any
+    teacher_adapter: Any
+    teacher_cached: bool  # the fine-tuned teacher came from the cache
+    models: Any  # Models: the student (rebuilt after the teacher's own training)
+    capture: CapturePlan
+    resolved: dict[str, Any]
+    inputs: dict[str, Any]
+    memory_mb: dict[str, float]
+    finetune: dict[str, Any] | None = None
+    teacher_eval: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.student_tokenizer or self.teacher_tokenizer
 
 
 def _device(training: TrainingSection) -> torch.device:
@@ -63,11 +102,6 @@ def _bf16(training: TrainingSection, device: torch.device) -> bool:
     if training.precision == "bf16":
         return True
     return training.precision == "auto" and device.type == "cuda"
-
-
-def _require(resolved: Any, section: str, key: str | None, message: str) -> None:
-    path: tuple[Any, ...] = (section,) if key is None else (section, key)
-    raise ObjectiveError([resolved.source.diagnostic(path[:1], message)])
 
 
 class Run:
@@ -90,16 +124,22 @@ class Run:
         self.spec = self.resolved.spec
         self.base_dir = self.resolved.base_dir
         if self.spec.student is None:
-            _require(self.resolved, "objective", None, "makd run needs a 'student' section")
+            self._refuse(("objective",), "makd run needs a 'student' section")
         if self.spec.data is None or self.spec.data.train is None:
-            _require(self.resolved, "objective", None, "makd run needs 'data' with 'train'")
+            self._refuse(("objective",), "makd run needs 'data' with 'train'")
         self.training = self.spec.training or TrainingSection()
         self.device = _device(self.training)
         self.bf16 = _bf16(self.training, self.device)
         self.run_dir = options.output or Path("runs") / self.path.stem
+        if options.resume and options.overwrite:
+            raise RunError("--resume and --overwrite exclude each other")
         self.world: World = World()
+        self.rundir = RunDirectory(self.run_dir, resume=options.resume, overwrite=options.overwrite)
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _refuse(self, path: tuple[Any, ...], message: str) -> None:
+        raise ObjectiveError([self.resolved.source.diagnostic(path, message)])
 
     def autocast(self) -> Any:
         if not self.bf16:
@@ -114,87 +154,44 @@ class Run:
         if self.world.main:
             self.console.print(text, markup=False, highlight=False)
 
-    def _prepare_run_dir(self) -> None:
-        checkpoint = self.run_dir / CHECKPOINT
-        if self.options.resume:
-            if not (checkpoint / "state.json").is_file():
-                raise RunError(f"--resume: {checkpoint} holds no checkpoint to resume from")
-            return
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not self.options.overwrite:
-                raise RunError(
-                    f"run directory {self.run_dir} is not empty: pass --resume to continue "
-                    "it, --overwrite to replace it, or --output for another directory"
-                )
-            if self.world.main:
-                shutil.rmtree(self.run_dir)
-        self.world.barrier()
+    def resume_command(self) -> str:
+        """The command that continues this run."""
+        args = ["run", str(self.path), "--output", str(self.run_dir), "--resume"]
+        for item in self.options.overrides:
+            args += ["--set", item]
+        if self.world.world_size > 1:
+            head = ["torchrun", f"--nproc_per_node={self.world.world_size}", "-m"]
+            return shlex.join([*head, "makd_registry.cli", *args])
+        return shlex.join(["makd", *args])
 
     # -- the run -----------------------------------------------------------------------
 
     def execute(self) -> dict[str, Any]:
         self.world = init_world(self.device.type)
+        self.rundir.main = self.world.main
         try:
             return self._execute()
         finally:
             close_world(self.world)
 
     def _execute(self) -> dict[str, Any]:
-        from ..data.tasks import load_task_data
-        from ..models.build import build_student, build_teacher, check_vocabulary, load_tokenizers
-
-        if not self.options.dry_run:
-            self._prepare_run_dir()
-        seed_everything(self.training.seed)
-        teacher_tok, student_tok = load_tokenizers(self.spec, base_dir=self.base_dir)
-        tokenizer = student_tok or teacher_tok
-        data = load_task_data(self.spec.data, tokenizer, base_dir=self.base_dir)
-        teacher, teacher_adapter = build_teacher(
-            self.spec, self.architectures, base_dir=self.base_dir, num_labels=data.num_labels
-        )
-        plan = CapturePlan.from_requests(self.resolved.requires())
-        teacher_eval: dict[str, float] = {}
-        self.finetune_plan: dict[str, Any] | None = None
-        if teacher is not None:
-            teacher = teacher.to(self.device)
-            if self.spec.teacher.finetune is not None and self.options.dry_run:
-                from .teacher import cache_root, teacher_key
-
-                cached = cache_root() / "teachers" / teacher_key(self.spec, self.base_dir)
-                self.finetune_plan = {
-                    "steps": self.spec.teacher.finetune.steps,
-                    "cache": str(cached),
-                    "cached": (cached / "makd_student.json").is_file(),
-                }
-            elif self.spec.teacher.finetune is not None:
-                teacher, teacher_eval = self._finetuned_teacher(
-                    teacher, teacher_adapter, data, tokenizer
-                )
-            elif self.spec.teacher.config is not None and (
-                plan.needs_teacher_forward or plan.teacher.generated
-            ):
-                raise ObjectiveError(
-                    [
-                        self.resolved.source.diagnostic(
-                            ("teacher", "config"),
-                            "this teacher is built from a config, so its weights are random, "
-                            "but the objective distils from it: add 'finetune: {steps: N}' "
-                            "to the teacher section, or give a trained 'model'",
-                        )
-                    ]
-                )
-        models = build_student(
-            self.spec,
-            self.architectures,
-            base_dir=self.base_dir,
-            teacher=teacher,
-            teacher_adapter=teacher_adapter,
-            num_labels=data.num_labels,
-        )
-        models.teacher_tokenizer, models.student_tokenizer = teacher_tok, student_tok
-        check_vocabulary(models, self.resolved.root)
-        if not self.options.dry_run:
-            self._seqkd_pass(teacher, data, tokenizer)
+        plan = self.plan()
+        if self.options.dry_run:
+            return self._plan_report(plan)
+        point = self.rundir.resume_point
+        if point is not None and point.finished:
+            summary = json.loads((self.run_dir / SUMMARY).read_text(encoding="utf-8"))
+            self.say(
+                f"{self.run_dir} already finished its {summary.get('steps')} steps: nothing to "
+                "do (give --set training.steps=N to train further)"
+            )
+            return {**summary, "already_finished": True}
+        teacher, teacher_eval = self._teacher(plan)
+        models = plan.models
+        if teacher is not plan.teacher:  # trained now: build the student from it
+            models = self._build_student(teacher, plan.teacher_adapter, plan.data)
+            self._check_models(models, plan)
+        self._seqkd_pass(teacher, plan.data, plan.tokenizer)
         student = models.student.to(self.device)
         if teacher is not None:
             teacher.eval()
@@ -202,13 +199,205 @@ class Run:
                 p.requires_grad_(False)
             if self.bf16:
                 teacher.to(torch.bfloat16)
-        if self.options.dry_run:
-            return self._plan_report(models, data, plan)
-        return self._train(models, student, teacher, data, tokenizer, teacher_eval)
+        return self._train(plan, models, student, teacher, teacher_eval or plan.teacher_eval)
 
-    def _finetuned_teacher(
-        self, teacher: Any, adapter: Any, data: Any, tokenizer: Any
-    ) -> tuple[Any, dict[str, float]]:
+    # -- plan ----------------------------------------------------------------------------
+
+    def plan(self) -> Plan:
+        """Build and check everything the run needs; write nothing (see the module doc)."""
+        from ..data.tasks import load_task_data
+        from ..models.build import load_tokenizers
+
+        for leftover in self.rundir.leftovers():
+            self.say(
+                f"note: {leftover} is a previous run that an interrupted --overwrite moved "
+                "aside; it is not used: delete it, or move it back to restore that run"
+            )
+        resolved = self.resolved.dump()
+        inputs = input_fingerprints(self.spec, self.base_dir)
+        self.rundir.check(resolved, inputs, self.training.steps)
+        teacher_tok, student_tok = load_tokenizers(self.spec, base_dir=self.base_dir)
+        tokenizer = student_tok or teacher_tok
+        data = load_task_data(self.spec.data, tokenizer, base_dir=self.base_dir)
+        self._check_batch(data)
+        teacher, adapter, cached, finetune, teacher_eval = self._initial_teacher(data)
+        capture = CapturePlan.from_requests(self.resolved.requires())
+        if (
+            teacher is not None
+            and self.spec.teacher.finetune is None
+            and self.spec.teacher.config is not None
+            and (capture.needs_teacher_forward or capture.teacher.generated)
+        ):
+            self._refuse(
+                ("teacher", "config"),
+                "this teacher is built from a config, so its weights are random, but the "
+                "objective distils from it: add 'finetune: {steps: N}' to the teacher "
+                "section, or give a trained 'model'",
+            )
+        models = self._build_student(teacher, adapter, data)
+        models.teacher_tokenizer, models.student_tokenizer = teacher_tok, student_tok
+        plan = Plan(
+            teacher_tokenizer=teacher_tok,
+            student_tokenizer=student_tok,
+            data=data,
+            teacher=teacher,
+            teacher_adapter=adapter,
+            teacher_cached=cached,
+            models=models,
+            capture=capture,
+            resolved=resolved,
+            inputs=inputs,
+            memory_mb={},
+            finetune=finetune,
+            teacher_eval=teacher_eval,
+        )
+        self._check_models(models, plan)
+        plan.memory_mb = self._check_memory(models, capture)
+        return plan
+
+    def _check_batch(self, data: Any) -> None:
+        """Settings that cannot work with this data or this number of processes."""
+        training = self.training
+        examples = len(data.train)
+        if training.batch_size > examples:
+            self._refuse(
+                ("training", "batch_size"),
+                f"batch_size {training.batch_size} exceeds the {examples} training examples "
+                "(after data.train_limit and filtering)",
+            )
+        micro = training.batch_size // training.gradient_accumulation
+        if micro < self.world.world_size:
+            self._refuse(
+                ("training", "batch_size"),
+                f"each micro-batch ({micro} examples) must give every one of the "
+                f"{self.world.world_size} processes at least one example",
+            )
+        if training.teacher_cache is not None and self.world.world_size > 1:
+            self._refuse(
+                ("training", "teacher_cache"),
+                "the teacher cache is for single-process runs (each process would need every "
+                "example's features)",
+            )
+        finetune = self.spec.teacher.finetune if self.spec.teacher is not None else None
+        if finetune is not None and (finetune.batch_size or training.batch_size) > examples:
+            self._refuse(
+                ("teacher", "finetune", "batch_size"),
+                f"the teacher's batch of {finetune.batch_size or training.batch_size} exceeds "
+                f"the {examples} training examples",
+            )
+
+    def _initial_teacher(self, data: Any) -> tuple[Any, Any, bool, dict | None, dict]:
+        """The teacher as the run starts: built or loaded, or the cached fine-tuned one."""
+        from ..models.build import build_teacher
+        from ..models.serialization import load_student, read_record
+        from .teacher import cache_root, teacher_key
+
+        spec = self.spec
+        if spec.teacher is None:
+            return None, None, False, None, {}
+        finetune = spec.teacher.finetune
+        seed = finetune.seed if finetune is not None else self.training.seed
+        with seeded(seed, "teacher_init"):  # a config-built teacher, a new task head
+            teacher, adapter = build_teacher(
+                spec, self.architectures, base_dir=self.base_dir, num_labels=data.num_labels
+            )
+        self._check_labels(teacher, data, "teacher")
+        if finetune is None:
+            return teacher, adapter, False, None, {}
+        directory = cache_root() / "teachers" / teacher_key(spec, self.base_dir)
+        cached = (directory / "makd_student.json").is_file()
+        info = {"steps": finetune.steps, "cache": str(directory), "cached": cached}
+        if not cached:
+            return teacher, adapter, False, info, {}
+        record = read_record(directory) or {}
+        teacher = load_student(directory)
+        return teacher, adapter, True, info, dict(record.get("eval") or {})
+
+    def _check_labels(self, model: Any, data: Any, side: str) -> None:
+        from ..data.sources import DataError
+
+        if data.num_labels is None or model is None:
+            return
+        if not type(model).__name__.endswith("ForSequenceClassification"):
+            return
+        have = int(getattr(model.config, "num_labels", data.num_labels))
+        if have != data.num_labels:
+            names = getattr(data, "label_names", None)
+            shown = f" ({', '.join(map(str, names))})" if names else ""
+            raise DataError(
+                f"data.train: the data has {data.num_labels} labels{shown}, but the {side}'s "
+                f"classification head has {have} (num_labels in its config)"
+            )
+
+    def _build_student(self, teacher: Any, adapter: Any, data: Any) -> Any:
+        from ..models.build import build_student
+
+        with seeded(self.training.seed, "student_init"):
+            models = build_student(
+                self.spec,
+                self.architectures,
+                base_dir=self.base_dir,
+                teacher=teacher,
+                teacher_adapter=adapter,
+                num_labels=data.num_labels,
+            )
+        self._check_labels(models.student, data, "student")
+        _name_labels(models.student, data)
+        return models
+
+    def _check_models(self, models: Any, plan: Plan) -> None:
+        """Vocabularies, the capture plan and every aspect against the real models."""
+        from ..models.adapter import ArchitectureError
+        from ..models.build import check_vocabulary
+        from ..objective.build import build_objective
+
+        models.teacher_tokenizer = plan.teacher_tokenizer
+        models.student_tokenizer = plan.student_tokenizer
+        check_vocabulary(models, self.resolved.root)
+        s_info = models.student_adapter.model_info(models.student.config)
+        t_pair = None
+        t_info = s_info
+        if models.teacher is not None:
+            t_info = models.teacher_adapter.model_info(models.teacher.config)
+            t_pair = (models.teacher_adapter, t_info)
+        problems = plan.capture.check(t_pair, (models.student_adapter, s_info))
+        if problems:
+            raise ArchitectureError("; ".join(problems))
+        probe = copy.deepcopy(self.resolved.root)
+        build_objective(probe, t_info, s_info, self.resolved.source, meta=True)
+
+    def _check_memory(self, models: Any, capture: CapturePlan) -> dict[str, float]:
+        from .memory import available_memory_mb, estimate_memory
+
+        micro = self.training.batch_size // self.training.gradient_accumulation
+        estimate = estimate_memory(
+            models, capture, micro, self.spec.data.max_length, bf16_teacher=self.bf16
+        )
+        available = available_memory_mb(self.device)
+        need = estimate["total_excluding_activations"]
+        if available is not None and need > available:
+            raise RunError(
+                f"this run needs at least {need / 1024:.1f} GiB on {self.device} (student "
+                f"weights, gradients and AdamW state, the teacher, and the captured features "
+                f"of a micro-batch of {micro}; activations not counted), but the device has "
+                f"{available / 1024:.1f} GiB: lower training.batch_size (or raise "
+                "gradient_accumulation), data.max_length, or use a smaller student"
+            )
+        return estimate
+
+    # -- act -----------------------------------------------------------------------------
+
+    def _teacher(self, plan: Plan) -> tuple[Any, dict[str, float]]:
+        """The teacher to distil from: trained now (and cached) when it is not cached."""
+        teacher = plan.teacher
+        if teacher is None:
+            return None, {}
+        teacher = teacher.to(self.device)
+        if self.spec.teacher.finetune is None or plan.teacher_cached:
+            return teacher, plan.teacher_eval
+        return self._finetune_teacher(teacher, plan)
+
+    def _finetune_teacher(self, teacher: Any, plan: Plan) -> tuple[Any, dict[str, float]]:
         from ..models.serialization import load_student, read_record, save_student
         from .teacher import (
             cache_root,
@@ -220,49 +409,63 @@ class Run:
 
         key = teacher_key(self.spec, self.base_dir)
         directory = cache_root() / "teachers" / key
-        if not (directory / "makd_student.json").is_file():
-            self.say(
-                f"training the teacher ({self.spec.teacher.finetune.steps} steps, "
-                f"cached as {directory})"
-            )
-            training = finetune_training(self.spec)
-            model = copy_for_training(teacher)
+        finetune = self.spec.teacher.finetune
+        if self.world.main:
+            self.say(f"training the teacher ({finetune.steps} steps, cached as {directory})")
+        training = finetune_training(self.spec)
+        model = copy_for_training(teacher)
+        start = time.perf_counter()
+        with seeded(finetune.seed, "teacher_train"):
             trainer = Trainer(
                 student=model,
-                student_adapter=adapter,
+                student_adapter=plan.teacher_adapter,
                 root=ce_objective(self.registry),
-                data=data,
+                data=plan.data,
                 training=training,
-                pad_id=_pad_id(tokenizer),
+                pad_id=_pad_id(plan.tokenizer),
                 device=self.device,
                 autocast=self.autocast,
                 rank=self.world.rank,
                 world_size=self.world.world_size,
             )
-            start = time.perf_counter()
             try:
                 bar = StepProgress(training.steps, 0, self._bar_console(), [], label="teacher")
-                with bar as progress:
+                with StopRequests() as stop, bar as progress:
                     while trainer.step < training.steps:
                         result = _finite_step(trainer, "the teacher's own")
                         progress.update(result.step, result.loss, {})
+                        if self._stop_agreed(stop):
+                            raise Interrupted(
+                                f"interrupted by {stop.name()} during the teacher's own "
+                                f"training (step {result.step} of {training.steps}); nothing "
+                                "was saved: the next run trains the teacher again"
+                            )
             finally:
                 trainer.close()
-            scores = self._evaluate(model, data, tokenizer)
-            self.say(
-                f"teacher trained in {time.perf_counter() - start:.0f}s: " + _fmt_scores(scores)
+        scores = self._evaluate(model, plan.data, plan.tokenizer)
+        self.say(f"teacher trained in {time.perf_counter() - start:.0f}s: " + _fmt_scores(scores))
+        if self.world.main:
+            save_student(
+                model, directory, tokenizer=plan.tokenizer, record={"teacher_key": key, "eval": scores}
             )
-            if self.world.main:
-                save_student(
-                    model,
-                    directory,
-                    tokenizer=tokenizer,
-                    record={"teacher_key": key, "eval": scores},
-                )
-            self.world.barrier()
+        self.world.barrier()
         record = read_record(directory) or {}
-        teacher = load_student(directory).to(self.device)
-        return teacher, dict(record.get("eval") or {})
+        return load_student(directory).to(self.device), dict(record.get("eval") or {})
+
+    def _stop_agreed(self, stop: StopRequests) -> bool:
+        """Whether any process was asked to stop (all processes stop at the same step)."""
+        if self.world.world_size <= 1:
+            return stop.requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self._collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and stop.signal is None:
+            stop.signal = 2  # SIGINT: another process was interrupted
+        return bool(flag.item() > 0)
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def _teacher_id(self) -> str:
         from .teacher import teacher_key
@@ -286,7 +489,7 @@ class Run:
         if config is None:
             return
         if teacher is None:
-            _require(self.resolved, "objective", None, "seqkd needs a teacher section")
+            self._refuse(("objective",), "seqkd needs a teacher section")
         key = cache_key(self._teacher_id(), self.spec.data, tokenizer, config)
         directory = (
             (self.base_dir / config.cache_dir) if config.cache_dir else cache_root() / "seqkd"
@@ -295,17 +498,17 @@ class Run:
 
         def make() -> dict[str, Any]:
             start = time.perf_counter()
-            targets = generate_targets(
-                teacher,
-                data,
-                tokenizer,
-                config,
-                batch_size=self.training.eval_batch_size or self.training.batch_size,
-                device=self.device,
-                autocast=self.autocast,
-                max_length=self.spec.data.max_length,
-                seed=self.training.seed,
-            )
+            with seeded(self.training.seed, "seqkd"):
+                targets = generate_targets(
+                    teacher,
+                    data,
+                    tokenizer,
+                    config,
+                    batch_size=self.training.eval_batch_size or self.training.batch_size,
+                    device=self.device,
+                    autocast=self.autocast,
+                    max_length=self.spec.data.max_length,
+                )
             self.say(
                 f"seqkd: the teacher labelled {len(data.train)} training rows in "
                 f"{time.perf_counter() - start:.0f}s"
@@ -334,31 +537,39 @@ class Run:
             max_new_tokens=self.spec.data.max_new_tokens,
         )
 
+    def _record(self, plan: Plan) -> tuple[dict[str, Any], dict[str, str]]:
+        """``run.json`` and the files a new run directory starts with."""
+        record = {
+            "makd": __version__,
+            "file": str(self.path),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "overrides": list(self.options.overrides),
+            "fingerprint": fingerprint(plan.resolved, plan.inputs),
+            "inputs": plan.inputs,
+            "processes": self.world.world_size,
+            "labels": getattr(plan.data, "label_names", None),
+        }
+        files = {
+            OBJECTIVE_COPY: self.path.read_text(encoding="utf-8"),
+            RESOLVED: json.dumps(plan.resolved, indent=2) + "\n",
+        }
+        if self.options.overrides:
+            files[OVERRIDES] = "".join(f"--set {o}\n" for o in self.options.overrides)
+        return record, files
+
     def _train(
         self,
+        plan: Plan,
         models: Any,
         student: Any,
         teacher: Any,
-        data: Any,
-        tokenizer: Any,
         teacher_eval: dict[str, float],
     ) -> dict[str, Any]:
         from ..models.serialization import save_student
 
         training = self.training
         run_dir = self.run_dir
-        if self.world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "objective.yaml").write_text(
-                self.path.read_text(encoding="utf-8"), encoding="utf-8"
-            )
-            if self.options.overrides:
-                (run_dir / "overrides.txt").write_text(
-                    "".join(f"--set {o}\n" for o in self.options.overrides), encoding="utf-8"
-                )
-            (run_dir / "objective.resolved.json").write_text(
-                json.dumps(self.resolved.dump(), indent=2) + "\n", encoding="utf-8"
-            )
+        data, tokenizer = plan.data, plan.tokenizer
         trainer = Trainer(
             student=student,
             student_adapter=models.student_adapter,
@@ -373,16 +584,68 @@ class Run:
             rank=self.world.rank,
             world_size=self.world.world_size,
             cache_dir=run_dir,
+            source=self.resolved.source,
         )
-        if training.teacher_cache is not None and self.world.world_size > 1:
-            raise RunError(
-                "training.teacher_cache: the teacher cache is for single-process runs (each "
-                "process would need every example's features)"
-            )
         state: dict[str, Any] = {}
         if self.options.resume:
-            state = trainer.resume(run_dir / CHECKPOINT)
-            self.say(f"resumed from step {trainer.step} ({run_dir / CHECKPOINT})")
+            state = trainer.resume(run_dir)  # reads only: the checkpoint is checked first
+        else:
+            seed_all(purpose_seed(training.seed, "train"))  # dropout's own stream
+        record, files = self._record(plan)
+        with self.rundir.transaction(record, files):
+            self.world.barrier()
+            if self.rundir.previous is not None:
+                self.say(
+                    f"the previous run is kept at {self.rundir.previous} until this run's first "
+                    "checkpoint"
+                )
+            if self.options.resume:
+                accepted = self.rundir.resume_point.changes if self.rundir.resume_point else []
+                note = ("; changed: " + "; ".join(c.describe() for c in accepted)) if accepted else ""
+                self.say(f"resumed from step {trainer.step} ({run_dir / 'checkpoint'}){note}")
+            summary = self._loop(trainer, plan, models, student, teacher, teacher_eval, state)
+            if self.world.main:
+                save_student(
+                    student,
+                    run_dir / STUDENT,
+                    tokenizer=tokenizer,
+                    record={
+                        "recipe": models.recipe,
+                        "objective": str(self.path),
+                        "eval": summary["student"],
+                        "teacher_eval": summary["teacher"],
+                    },
+                )
+                if len(list(trainer.modules.parameters())):
+                    from safetensors.torch import save_model
+
+                    save_model(
+                        trainer.modules, str(run_dir / STUDENT / "aspect_modules.safetensors")
+                    )
+                from .plots import plot_run
+
+                summary["plots"] = [
+                    str(p) for p in plot_run(read_metrics(run_dir / METRICS), run_dir)
+                ]
+                (run_dir / SUMMARY).write_text(
+                    json.dumps(summary, indent=2) + "\n", encoding="utf-8"
+                )
+            self.world.barrier()
+        return summary
+
+    def _loop(
+        self,
+        trainer: Trainer,
+        plan: Plan,
+        models: Any,
+        student: Any,
+        teacher: Any,
+        teacher_eval: dict[str, float],
+        state: dict[str, Any],
+    ) -> dict[str, Any]:
+        training = self.training
+        run_dir = self.run_dir
+        data, tokenizer = plan.data, plan.tokenizer
         metrics = (
             MetricsLog(run_dir / METRICS, keep_until=trainer.step if self.options.resume else None)
             if self.world.main
@@ -394,108 +657,121 @@ class Run:
             )
         if metrics is not None and teacher_eval and not self.options.resume:
             metrics.write({"kind": "eval", "step": 0, "teacher": teacher_eval})
-        fault = int(os.environ.get(FAULT_ENV, "0") or 0)
         top_terms = [c.path for c in self.resolved.root.children][:3]
         student_eval: dict[str, float] = {}
+        evaluated_at = saved_at = trainer.step if self.options.resume else -1
+        result = None
+        extra = {"teacher_eval": teacher_eval}
+
+        def save() -> None:
+            nonlocal saved_at
+            if saved_at != trainer.step:
+                extra["final_loss"] = result.loss if result is not None else None
+                if self.world.main:
+                    trainer.save(run_dir, extra)
+                self.world.barrier()
+                saved_at = trainer.step
+            self.rundir.commit()
+
         start = time.perf_counter()
         bar = StepProgress(training.steps, trainer.step, self._bar_console(), top_terms)
-        with bar as progress:
-            while trainer.step < training.steps:
-                result = _finite_step(trainer, "the student's")
-                step = result.step
-                if self.world.main:
-                    progress.update(step, result.loss, result.terms)
-                    if step % training.log_every == 0 or step == training.steps:
-                        metrics.write(
-                            {
-                                "kind": "train",
-                                "step": step,
-                                "loss": result.loss,
-                                "lr": result.lr,
-                                "grad_norm": result.grad_norm,
-                                "terms": result.terms,
-                                "elapsed_s": time.perf_counter() - start,
-                            }
-                        )
-                last = step == training.steps
-                if (training.eval_every and step % training.eval_every == 0) or last:
-                    student_eval = self._evaluate(student, data, tokenizer)
-                    if self.world.main and student_eval:
-                        metrics.write(
-                            {
-                                "kind": "eval",
-                                "step": step,
-                                "student": student_eval,
-                                "teacher": teacher_eval,
-                            }
-                        )
-                        progress.note(f"step {step}: student {_fmt_scores(student_eval)}")
-                if training.checkpoint_every and step % training.checkpoint_every == 0:
+        try:
+            with StopRequests() as stop, bar as progress:
+                while trainer.step < training.steps:
+                    result = _finite_step(trainer, "the student's")
+                    step = result.step
                     if self.world.main:
-                        trainer.save(run_dir / CHECKPOINT, {"teacher_eval": teacher_eval})
-                    self.world.barrier()
-                if fault and step == fault:
-                    os.kill(os.getpid(), signal.SIGKILL)
-        trainer.close()
-        elapsed = time.perf_counter() - start
-        summary = {
+                        progress.update(step, result.loss, result.terms)
+                        if step % training.log_every == 0 or step == training.steps:
+                            metrics.write(
+                                {
+                                    "kind": "train",
+                                    "step": step,
+                                    "loss": result.loss,
+                                    "lr": result.lr,
+                                    "grad_norm": result.grad_norm,
+                                    "terms": result.terms,
+                                    "elapsed_s": time.perf_counter() - start,
+                                }
+                            )
+                    if (training.eval_every and step % training.eval_every == 0) or (
+                        step == training.steps
+                    ):
+                        student_eval = self._evaluate(student, data, tokenizer)
+                        evaluated_at = step
+                        if self.world.main and student_eval:
+                            metrics.write(
+                                {
+                                    "kind": "eval",
+                                    "step": step,
+                                    "student": student_eval,
+                                    "teacher": teacher_eval,
+                                }
+                            )
+                            progress.note(f"step {step}: student {_fmt_scores(student_eval)}")
+                    periodic = training.checkpoint_every and step % training.checkpoint_every == 0
+                    if periodic or (training.checkpoint_every and step == training.steps):
+                        save()
+                    fault_point("after_step", step)
+                    fault_point("sigint_after_step", step)
+                    fault_point("sigterm_after_step", step)
+                    if self._stop_agreed(stop) and trainer.step < training.steps:
+                        save()
+                        raise Interrupted(
+                            f"interrupted by {stop.name()} at step {trainer.step} of "
+                            f"{training.steps}: checkpoint saved in {run_dir / 'checkpoint'}; "
+                            f"continue with: {self.resume_command()}"
+                        )
+        finally:
+            trainer.close()
+        if evaluated_at != trainer.step:  # a resumed run with no step left to train
+            student_eval = self._evaluate(student, data, tokenizer)
+        return {
             "objective": str(self.path),
             "run_dir": str(run_dir),
             "steps": training.steps,
-            "train_seconds": elapsed,
-            "final_loss": result.loss if training.steps > 0 else None,
+            "train_seconds": time.perf_counter() - start,
+            "final_loss": result.loss if result is not None else state.get("final_loss"),
             "student": student_eval,
             "teacher": teacher_eval,
             "main_metric": MAIN_METRIC[data.task],
             "parameters": {k: v.as_dict() for k, v in models.parameters().items()},
         }
-        if self.world.main:
-            record = {
-                "recipe": models.recipe,
-                "objective": str(self.path),
-                "eval": student_eval,
-                "teacher_eval": teacher_eval,
-            }
-            save_student(student, run_dir / STUDENT, tokenizer=tokenizer, record=record)
-            if len(list(trainer.modules.parameters())):
-                from safetensors.torch import save_model
 
-                save_model(trainer.modules, str(run_dir / STUDENT / "aspect_modules.safetensors"))
-            from .plots import plot_run
-
-            summary["plots"] = [str(p) for p in plot_run(read_metrics(run_dir / METRICS), run_dir)]
-            (run_dir / "summary.json").write_text(
-                json.dumps(summary, indent=2) + "\n", encoding="utf-8"
-            )
-        self.world.barrier()
-        return summary
-
-    def _plan_report(self, models: Any, data: Any, plan: CapturePlan) -> dict[str, Any]:
-        from .memory import estimate_memory
-
+    def _plan_report(self, plan: Plan) -> dict[str, Any]:
         training = self.training
-        micro = training.batch_size // training.gradient_accumulation
+        point = self.rundir.resume_point
         return {
             "objective": str(self.path),
             "run_dir": str(self.run_dir),
+            "resume_from_step": point.step if point is not None else None,
             "device": str(self.device),
             "precision": "bf16 autocast" if self.bf16 else "fp32",
-            "task": data.task,
+            "task": plan.data.task,
             "examples": {
-                "train": len(data.train),
-                "validation": len(data.validation) if data.validation else 0,
+                "train": len(plan.data.train),
+                "validation": len(plan.data.validation) if plan.data.validation else 0,
             },
+            "labels": getattr(plan.data, "label_names", None),
             "steps": training.steps,
             "batch_size": training.batch_size,
-            "micro_batch": micro,
-            "parameters": {k: v.as_dict() for k, v in models.parameters().items()},
-            "recipe": models.recipe,
-            "teacher_finetune": self.finetune_plan,
-            "captured": plan.summary(),
-            "memory_estimate_mb": estimate_memory(
-                models, plan, micro, self.spec.data.max_length, bf16_teacher=self.bf16
-            ),
+            "micro_batch": training.batch_size // training.gradient_accumulation,
+            "parameters": {k: v.as_dict() for k, v in plan.models.parameters().items()},
+            "recipe": plan.models.recipe,
+            "teacher_finetune": plan.finetune,
+            "captured": plan.capture.summary(),
+            "memory_estimate_mb": plan.memory_mb,
         }
+
+
+def _name_labels(model: Any, data: Any) -> None:
+    """Classification: the label names become the model's ``id2label``/``label2id``, so
+    that the saved student predicts names in plain transformers."""
+    names = getattr(data, "label_names", None)
+    if not names or not type(model).__name__.endswith("ForSequenceClassification"):
+        return
+    model.config.id2label = {i: str(n) for i, n in enumerate(names)}
+    model.config.label2id = {str(n): i for i, n in enumerate(names)}
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -513,5 +789,9 @@ def _finite_step(trainer: Trainer, whose: str) -> Any:
     """One training step; a non-finite loss stops the run before it is saved or cached."""
     result = trainer.train_step()
     if not math.isfinite(result.loss):
-        raise MakdError(f"{whose} loss is {result.loss} at step {result.step}")
+        raise RuntimeFailure(
+            f"{whose} loss is {result.loss} at step {result.step}: lower the learning rate, "
+            "check the data, or use fp32 (training.precision)"
+        )
     return result
+

@@ -3,19 +3,20 @@
 :class:`Trainer` owns the student, the teacher, the objective tree and its trainable modules,
 the optimizer and schedule, the data order and the checkpoints. Data order is a fixed
 permutation per epoch drawn from the seed, so a resumed run sees exactly the batches an
-uninterrupted one would.
+uninterrupted one would. The objective's modules are built on their own random stream
+(:mod:`.seeding`). With several processes, every mean in the losses is over the global
+batch (:func:`makd_registry.losses.global_mean_scope`), so the processes' averaged gradient
+is exactly the single-process one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,15 +24,13 @@ from ..capture import CapturePlan
 from ..capture.extractor import FeatureExtractor, model_inputs
 from ..data.collate import collate
 from ..features import Feature
+from ..losses import global_mean_scope
+from ..objective.build import build_objective
+from ..weighting import weighted_loss
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import make_optimizer
+from .seeding import seeded
 from .terms import TermRecorder
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class AspectModules(nn.Module):
@@ -73,6 +72,7 @@ class Trainer:
     rank: int = 0
     world_size: int = 1
     cache_dir: Path | None = None  # where training.teacher_cache files go (the run directory)
+    source: Any = None  # the objective file's SourceMap, for located build errors
     step: int = 0
     epoch: int = 0
     position: int = 0
@@ -87,7 +87,8 @@ class Trainer:
             if self.teacher is not None
             else s_info
         )
-        self.root.build(t_info, s_info)
+        with seeded(self.training.seed, "aspect_modules"):
+            build_objective(self.root, t_info, s_info, self.source)
         self.modules = AspectModules(self.root.modules()).to(self.device)
         params = [("student." + n, p) for n, p in self.student.named_parameters()]
         params += [("modules." + n, p) for n, p in self.modules.named_parameters()]
@@ -168,6 +169,20 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------
 
+    def _global_count(self, count: torch.Tensor) -> torch.Tensor:
+        """The denominator of a mean over ``count`` local elements: the count summed over
+        the processes, divided by their number (see :func:`~makd_registry.losses.global_count`)."""
+        import torch.distributed as dist
+
+        total = count.detach().to(torch.float32).reshape(1).clone()
+        dist.all_reduce(total)
+        return total[0].clamp_min(1.0) / self.world_size
+
+    def _scope(self) -> Any:
+        if self.world_size > 1:
+            return global_mean_scope(self._global_count)
+        return contextlib.nullcontext()
+
     def train_step(self) -> StepResult:
         self.student.train()
         accum = self.training.gradient_accumulation
@@ -175,13 +190,13 @@ class Trainer:
         total = 0.0
         for batch in self.micro_batches():
             teacher = self._teacher_from_cache(fx, batch)
-            with self.autocast():
+            with self.autocast(), self._scope():
                 features, _ = fx(batch, step=self.step, teacher_features=teacher)
                 if "generated" in batch:  # the SeqKD pass's teacher targets
                     features.teacher_features[(Feature.GENERATED, None)] = batch["generated"]
                 if self.is_qa:
                     _mask_qa_logits(features)
-                loss = self.root.loss(features)
+                loss = weighted_loss(self.root, features)
             (loss / accum).backward()
             total += float(loss.detach()) / accum
         if self.world_size > 1:
@@ -280,9 +295,10 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "position": self.position}
 
-    def save(self, directory: Path, extra: dict[str, Any] | None = None) -> None:
-        save_checkpoint(
-            directory,
+    def save(self, run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint of this step into ``run_dir`` (see :mod:`.checkpoint`)."""
+        return save_checkpoint(
+            run_dir,
             student=self.student,
             modules=self.modules,
             optimizer=self.optimizer,
@@ -290,9 +306,9 @@ class Trainer:
             state={**self.state(), **(extra or {})},
         )
 
-    def resume(self, directory: Path) -> dict[str, Any]:
+    def resume(self, run_dir: Path) -> dict[str, Any]:
         state = load_checkpoint(
-            directory,
+            run_dir,
             student=self.student,
             modules=self.modules,
             optimizer=self.optimizer,
