@@ -134,8 +134,7 @@ def pydantic_diagnostics(
         message = err["msg"]
         if kind == "missing":
             message = f"missing required key '{path[-1]}'"
-            where = smap.locate(path[:-1])
-            diag = Diagnostic(*where, _fmt(path), message, smap.file)
+            diag = smap.diagnostic(path, message, at=path[:-1])
         else:
             if kind in {"extra_forbidden"}:
                 message = f"unknown key '{path[-1]}'"
@@ -179,8 +178,13 @@ class _Resolver:
         self.base_dir = base_dir
         self.diags: list[Diagnostic] = []
 
-    def error(self, path: YPath, message: str, *, key: bool = False) -> None:
-        self.diags.append(self.smap.diagnostic(path, message, key=key))
+    def error(
+        self, path: YPath, message: str, *, key: bool = False, code: ExitCode | None = None
+    ) -> None:
+        diag = self.smap.diagnostic(path, message, key=key)
+        if code is not None:
+            diag = dataclasses.replace(diag, code=code)
+        self.diags.append(diag)
 
     def run(self) -> ResolvedObjective:
         teacher_layers = self._teacher_depth()
@@ -219,8 +223,10 @@ class _Resolver:
             if spec.model is not None:
                 return depth_from_model(spec.model, self.base_dir)
         except DepthError as exc:
-            sub = ("config", *exc.key) if spec.config is not None else ("model",)
-            self.error((section, *sub), str(exc))
+            if spec.config is not None:  # the inline config itself is wrong
+                self.error((section, "config", *exc.key), str(exc))
+            else:  # the model it names cannot be used
+                self.error((section, "model"), str(exc), code=ExitCode.MODEL)
         return None
 
     def _check_architecture(self, section: str) -> None:
@@ -296,8 +302,12 @@ class _Resolver:
             if ref is None or not is_local_data(ref):
                 continue
             path = (self.base_dir / Path(ref).expanduser()).resolve()
-            if not path.is_file():
-                self.error(("data", key), f"data file {path} does not exist")
+            if path.is_dir():
+                self.error(
+                    ("data", key), f"{path} is a directory, not a data file", code=ExitCode.DATA
+                )
+            elif not path.is_file():
+                self.error(("data", key), f"data file {path} does not exist", code=ExitCode.DATA)
 
     # -- the models' shapes ------------------------------------------------------------
 
