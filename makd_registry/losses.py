@@ -156,7 +156,6 @@ def global_mean_scope(reducer: Callable[[torch.Tensor], torch.Tensor]) -> Iterat
         _COUNT_REDUCER.reset(token)
 
 
-
 @_fp32
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     r"""Mean of ``values`` over valid tokens and all trailing elements, in fp32.

@@ -446,7 +446,10 @@ class Run:
         self.say(f"teacher trained in {time.perf_counter() - start:.0f}s: " + _fmt_scores(scores))
         if self.world.main:
             save_student(
-                model, directory, tokenizer=plan.tokenizer, record={"teacher_key": key, "eval": scores}
+                model,
+                directory,
+                tokenizer=plan.tokenizer,
+                record={"teacher_key": key, "eval": scores},
             )
         self.world.barrier()
         record = read_record(directory) or {}
@@ -601,7 +604,9 @@ class Run:
                 )
             if self.options.resume:
                 accepted = self.rundir.resume_point.changes if self.rundir.resume_point else []
-                note = ("; changed: " + "; ".join(c.describe() for c in accepted)) if accepted else ""
+                note = (
+                    ("; changed: " + "; ".join(c.describe() for c in accepted)) if accepted else ""
+                )
                 self.say(f"resumed from step {trainer.step} ({run_dir / 'checkpoint'}){note}")
             summary = self._loop(trainer, plan, models, student, teacher, teacher_eval, state)
             if self.world.main:
@@ -794,4 +799,3 @@ def _finite_step(trainer: Trainer, whose: str) -> Any:
             "check the data, or use fp32 (training.precision)"
         )
     return result
-

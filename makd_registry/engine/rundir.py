@@ -65,6 +65,8 @@ class Change:
 def _show(value: Any) -> str:
     if value is _ABSENT:
         return "(absent)"
+    if isinstance(value, str) and " " in value:
+        return value
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -178,7 +180,7 @@ def check_writable(path: Path) -> None:
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise RunError(f"run directory {path} is a file, not a directory: give --output DIR")
-        if not os.access(path, os.W_OK | os.X_OK):
+        if not _writable(path):
             raise RunError(f"run directory {path} is not writable")
         return
     ancestor = path.parent
@@ -186,8 +188,18 @@ def check_writable(path: Path) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise RunError(f"run directory {path} cannot be created: {ancestor} is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if not _writable(ancestor):
         raise RunError(f"run directory {path} cannot be created: {ancestor} is not writable")
+
+
+def _writable(directory: Path) -> bool:
+    """Permission to create entries in ``directory``, on a file system mounted read-write."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:
+        return not os.statvfs(directory).f_flag & os.ST_RDONLY
+    except (OSError, AttributeError):
+        return True
 
 
 class RunDirectory:
@@ -240,10 +252,12 @@ class RunDirectory:
         record = _read_json(self.path / RECORD) or {}
         changes = changes_between(recorded, resolved)
         old_inputs = record.get("inputs")
-        if old_inputs is not None:
-            for change in changes_between(old_inputs, inputs):
-                key = change.key.split("[", 1)[0]
-                changes.append(Change(f"{key} (file contents)", change.before, change.after))
+        if isinstance(old_inputs, dict):
+            for key in sorted(set(old_inputs) | set(inputs)):
+                if old_inputs.get(key) != inputs.get(key):
+                    changes.append(
+                        Change(f"{key} (file contents)", "recorded", "changed since the start")
+                    )
         refused = [c for c in changes if not _safe(c)]
         if refused:
             listed = "; ".join(c.describe() for c in refused)
@@ -259,9 +273,7 @@ class RunDirectory:
                 f"--resume: training.steps is {steps}, but the checkpoint in {self.path} is "
                 f"already at step {done}"
             )
-        finished = done >= steps or (
-            summary is not None and summary.get("steps") == steps and done <= steps
-        )
+        finished = summary is not None and summary.get("steps") == steps
         if state is None and not finished:
             raise RunError(f"--resume: {self.path} holds no checkpoint to resume from")
         return ResumePoint(step=done, changes=changes, finished=finished)
@@ -296,7 +308,11 @@ class RunDirectory:
                     "overrides": record.get("overrides", []),
                 }
             )
-            merged = {**previous, **record, "started": previous.get("started", record.get("started"))}
+            merged = {
+                **previous,
+                **record,
+                "started": previous.get("started", record.get("started")),
+            }
             merged["overrides"] = previous.get("overrides", record.get("overrides", []))
             merged["resumes"] = history
             if point and point.changes:

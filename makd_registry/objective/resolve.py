@@ -23,6 +23,7 @@ from ..errors import Diagnostic, ExitCode, ObjectiveError, PluginError
 from ..features import FeatureRequest
 from ..mapping import LayerPair, MappingError
 from ..registry import AspectRegistry
+from .build import SOURCE_PATH, build_objective
 from .depths import (
     DepthError,
     config_from_model,
@@ -30,7 +31,6 @@ from .depths import (
     depth_from_model,
     is_local_data,
 )
-from .build import SOURCE_PATH, build_objective
 from .sections import ObjectiveFile
 from .source import Path as YPath
 from .source import SourceMap, load_yaml, read_objective_text
@@ -402,7 +402,10 @@ class _Resolver:
         probe = copy.deepcopy(root)
         try:
             build_objective(
-                probe, infos.get("teacher", infos["student"]), infos["student"], self.smap,
+                probe,
+                infos.get("teacher", infos["student"]),
+                infos["student"],
+                self.smap,
                 meta=True,
             )
         except ObjectiveError as exc:
