@@ -101,9 +101,7 @@ def config_from_dict(values: dict[str, Any], what: str) -> Any:
     try:
         config_cls = transformers.AutoConfig.for_model(model_type).__class__
     except (ValueError, KeyError):
-        raise ConfigError(
-            f"transformers has no model_type {model_type!r}", "model_type"
-        ) from None
+        raise ConfigError(f"transformers has no model_type {model_type!r}", "model_type") from None
     known = set(config_cls().to_dict()) | set(getattr(config_cls, "attribute_map", {}))
     known |= _COMMON_CONFIG_KEYS
     for key in values:
@@ -136,7 +134,7 @@ def build_from_config(
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         return auto_class(head).from_config(config, **kwargs)
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except Exception as exc:  # libraries raise many kinds on malformed files
         raise ModelError(f"{what}: cannot build a {head} model from its config: {exc}") from None
 
 
@@ -171,7 +169,7 @@ def load_pretrained(
     source = resolve_model_ref(ref, base_dir or Path.cwd())
     try:
         config = transformers.AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # libraries raise many kinds on malformed files
         raise ModelError(
             f"{what}: cannot read the config of {source!r}: {_first_line(exc)}"
         ) from None
@@ -185,7 +183,7 @@ def load_pretrained(
     try:
         with quiet_transformers():  # "newly initialized head" is expected here
             return auto_class(head).from_pretrained(source, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # libraries raise many kinds on malformed files
         raise ModelError(f"{what}: cannot load {source!r}: {_first_line(exc)}") from None
 
 
