@@ -12,8 +12,13 @@ def build_student_report(resolved: Any, architectures: Any = None) -> tuple[dict
     from .models import ArchitectureError, make_architecture_registry
     from .models.build import build_models, check_vocabulary
 
+    from .engine.seeding import seeded
+    from .objective.sections import TrainingSection
+
     architectures = architectures or make_architecture_registry()
-    models = build_models(resolved.spec, architectures, base_dir=resolved.base_dir)
+    seed = (resolved.spec.training or TrainingSection()).seed
+    with seeded(seed, "student_init"):  # the student makd run would start from
+        models = build_models(resolved.spec, architectures, base_dir=resolved.base_dir)
     check_vocabulary(models, resolved.root)
     plan = CapturePlan.from_requests(resolved.requires())
     teacher_pair = None

@@ -34,6 +34,8 @@ def teacher_key(spec: Any, base_dir: Path) -> str:
         "data": data.model_dump(mode="json", exclude={"validation", "validation_limit"}),
         "train_file": stamp,
         "makd": __version__,
+        # 2: the teacher's initialisation and training draw from their own seeded streams
+        "format": 2,
     }
     blob = json.dumps(payload, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -435,6 +435,7 @@ class _Resolver:
         if cls.name == "stages":
             if not is_root:
                 self.error((*path, "type"), "'stages' can only be the root of the objective")
+            self._check_stage_budgets(config, path)
             for i, stage in enumerate(config.stages):  # type: ignore[attr-defined]
                 child = self._build(
                     stage.objective,
@@ -483,6 +484,19 @@ class _Resolver:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         return aspect
+
+    def _check_stage_budgets(self, config: Any, path: YPath) -> None:
+        """Every stage must start before training ends, or it would silently never run."""
+        steps = (self.spec.training.steps if self.spec.training else None) or 1000
+        start = 0
+        for i, stage in enumerate(config.stages):
+            if start >= steps:
+                self.error(
+                    (*path, "stages", i),
+                    f"stage '{stage.name}' would start at step {start}, but training ends "
+                    f"after {steps} steps (training.steps): it would never run",
+                )
+            start += stage.steps or 0
 
     def _check_sibling_names(self, terms: list[AspectConfig], path: YPath, parent: str) -> None:
         first: dict[str, int] = {}
