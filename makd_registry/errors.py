@@ -15,7 +15,7 @@ class ExitCode(IntEnum):
 
     OK = 0
     INTERNAL = 1  #: an unexpected exception: a bug in makd or a plugin's aspect code
-    INVALID_INPUT = 2  #: the objective file (or the command line) is wrong
+    INVALID_INPUT = 2  #: the objective file, the command line or the run directory is wrong
     PLUGIN = 3  #: a plugin failed to load or registered something invalid
     RUNTIME = 4  #: the run itself failed (training, device)
     MODEL = 5  #: a model, tokenizer or student cannot be loaded, built, captured or saved
@@ -28,8 +28,8 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "ok",
     ExitCode.INTERNAL: "internal error (a bug)",
     ExitCode.INVALID_INPUT: "invalid objective, command line or run directory",
-    ExitCode.PLUGIN: "plugin failure",
-    ExitCode.RUNTIME: "runtime failure (non-finite loss, unreadable checkpoint)",
+    ExitCode.PLUGIN: "plugin failure (a plugin fails to load, or its aspect code raises)",
+    ExitCode.RUNTIME: "runtime failure (non-finite loss)",
     ExitCode.MODEL: "model, tokenizer or student problem",
     ExitCode.DATA: "data problem",
     ExitCode.INTERRUPTED: "interrupted (SIGINT/SIGTERM; resumable when training)",
@@ -37,8 +37,8 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
 
 
 def exit_code_summary() -> str:
-    """``0 ok, 1 internal error (a bug), ...``: the one list of exit codes."""
-    return ", ".join(f"{int(code)} {text}" for code, text in EXIT_CODE_MEANINGS.items())
+    """``0 ok; 1 internal error (a bug); ...``: the one list of exit codes."""
+    return "; ".join(f"{int(code)} {text}" for code, text in EXIT_CODE_MEANINGS.items())
 
 
 class MakdError(Exception):

@@ -40,9 +40,9 @@ REQUIRED = ("student.safetensors", "optimizer.pt", STATE)
 
 
 class CheckpointError(MakdError):
-    """A checkpoint that cannot be read back."""
+    """A checkpoint that cannot be read back (a damaged run directory: exit code 2)."""
 
-    exit_code = ExitCode.RUNTIME
+    exit_code = ExitCode.INVALID_INPUT
 
 
 def _fsync_file(path: Path) -> None:

@@ -25,7 +25,7 @@ from ..capture.extractor import FeatureExtractor, model_inputs
 from ..data.collate import collate
 from ..features import Feature
 from ..losses import global_mean_scope
-from ..objective.build import build_objective
+from ..objective.build import build_objective, third_party_failure
 from ..weighting import weighted_loss
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import make_optimizer
@@ -196,7 +196,13 @@ class Trainer:
                     features.teacher_features[(Feature.GENERATED, None)] = batch["generated"]
                 if self.is_qa:
                     _mask_qa_logits(features)
-                loss = weighted_loss(self.root, features)
+                try:
+                    loss = weighted_loss(self.root, features)
+                except Exception as exc:  # a third-party aspect's bug is a plugin failure
+                    failure = third_party_failure(self.root, exc, f"at step {self.step + 1}")
+                    if failure is None:
+                        raise
+                    raise failure from None
             (loss / accum).backward()
             total += float(loss.detach()) / accum
         if self.world_size > 1:

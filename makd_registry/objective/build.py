@@ -20,8 +20,9 @@ from ..features import ModelInfo
 SOURCE_PATH = "_makd_source_path"
 
 
-def _failing_node(root: Any, tb: Any) -> Any:
-    """The innermost node of ``root``'s tree whose own method is on the traceback."""
+def failing_node(root: Any, tb: Any) -> Any:
+    """The innermost node of ``root``'s tree whose own method is on the traceback ``tb``
+    (``root`` when none is)."""
     nodes = {id(n): n for n in root.walk()}
     found = root
     while tb is not None:
@@ -30,6 +31,26 @@ def _failing_node(root: Any, tb: Any) -> Any:
             found = nodes[id(owner)]
         tb = tb.tb_next
     return found
+
+
+def third_party_failure(root: Any, exc: BaseException, when: str) -> PluginError | None:
+    """A :class:`PluginError` naming the aspect, its module and the failing line when
+    ``exc`` was raised inside a third-party aspect's code; None when the innermost node on
+    the traceback is one of makd's own (a bug in makd, reported as such)."""
+    node = failing_node(root, exc.__traceback__)
+    module = type(node).__module__
+    if module.split(".")[0] in ("makd_plugins", "makd_registry"):
+        return None
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    at = f" (at {last.tb_frame.f_code.co_filename}:{last.tb_lineno})" if last else ""
+    return PluginError(
+        f"aspect '{node.name}' from {module} failed {when} in {node.path}: "
+        f"{type(exc).__name__}: {exc}{at}"
+    )
 
 
 def build_objective(
@@ -53,14 +74,14 @@ def build_objective(
         with where:
             root.build(teacher, student)
     except (ValueError, TypeError) as exc:
-        node = _failing_node(root, sys.exc_info()[2])
+        node = failing_node(root, sys.exc_info()[2])
         path = getattr(node, SOURCE_PATH, ("objective",))
         message = f"'{node.name}' cannot compare these models: {exc}"
         if source is None:
             raise ObjectiveError([Diagnostic(1, 1, node.path, message, "<objective>")]) from None
         raise ObjectiveError([source.diagnostic(path, message)]) from None
     except Exception as exc:
-        node = _failing_node(root, sys.exc_info()[2])
+        node = failing_node(root, sys.exc_info()[2])
         raise PluginError(
             f"aspect '{node.name}' failed while building {node.path}: {type(exc).__name__}: {exc}"
         ) from exc
