@@ -30,6 +30,7 @@ from .depths import (
     depth_from_config,
     depth_from_model,
     is_local_data,
+    local_model_dir,
 )
 from .sections import ObjectiveFile
 from .source import Path as YPath
@@ -192,6 +193,8 @@ class _Resolver:
         if self.architectures is not None:
             for section in ("teacher", "student"):
                 self._check_architecture(section)
+        for section in ("teacher", "student"):
+            self._check_tokenizer(section)
         self.depths = (student_layers, teacher_layers)
         self._check_data_files()
         root = self._build(self.spec.objective, ("objective",), None, "", is_root=True)
@@ -251,6 +254,17 @@ class _Resolver:
             return
         if not isinstance(model_type, str) or self.architectures.get(model_type) is None:
             self.error(where, self.architectures.unknown_message(model_type))
+
+    def _check_tokenizer(self, section: str) -> None:
+        """A local tokenizer directory must exist (a hub id is checked when loaded)."""
+        spec = getattr(self.spec, section)
+        ref = getattr(spec, "tokenizer", None) if spec is not None else None
+        if ref is None:
+            return
+        try:
+            local_model_dir(ref, self.base_dir)
+        except DepthError as exc:
+            self.error((section, "tokenizer"), str(exc), code=ExitCode.MODEL)
 
     def _teacher_depth(self) -> int | None:
         return self._depth("teacher")
