@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_engine import MAKD_TERMS, OBJECTIVE, TINY, write_objective
+from test_engine import MAKD_TERMS, write_objective
 
 from makd_registry.cli import main
 
