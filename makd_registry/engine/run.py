@@ -175,17 +175,17 @@ class Run:
             close_world(self.world)
 
     def _execute(self) -> dict[str, Any]:
-        plan = self.plan()
-        if self.options.dry_run:
-            return self._plan_report(plan)
-        point = self.rundir.resume_point
-        if point is not None and point.finished:
+        point = self._check_run_dir()
+        if point is not None and point.finished and not self.options.dry_run:
             summary = json.loads((self.run_dir / SUMMARY).read_text(encoding="utf-8"))
             self.say(
                 f"{self.run_dir} already finished its {summary.get('steps')} steps: nothing to "
                 "do (give --set training.steps=N to train further)"
             )
             return {**summary, "already_finished": True}
+        plan = self.plan()
+        if self.options.dry_run:
+            return self._plan_report(plan)
         teacher, teacher_eval = self._teacher(plan)
         models = plan.models
         if teacher is not plan.teacher:  # trained now: build the student from it
@@ -203,19 +203,25 @@ class Run:
 
     # -- plan ----------------------------------------------------------------------------
 
-    def plan(self) -> Plan:
-        """Build and check everything the run needs; write nothing (see the module doc)."""
-        from ..data.tasks import load_task_data
-        from ..models.build import load_tokenizers
-
+    def _check_run_dir(self) -> Any:
+        """The run directory may be used (see :class:`RunDirectory`); for ``--resume``,
+        where it continues from. Reads only."""
         for leftover in self.rundir.leftovers():
             self.say(
                 f"note: {leftover} is a previous run that an interrupted --overwrite moved "
                 "aside; it is not used: delete it, or move it back to restore that run"
             )
-        resolved = self.resolved.dump()
-        inputs = input_fingerprints(self.spec, self.base_dir)
-        self.rundir.check(resolved, inputs, self.training.steps)
+        self._resolved_dump = self.resolved.dump()
+        self._inputs = input_fingerprints(self.spec, self.base_dir)
+        return self.rundir.check(self._resolved_dump, self._inputs, self.training.steps)
+
+    def plan(self) -> Plan:
+        """Build and check everything the run needs; write nothing (see the module doc).
+        The run directory has been checked by :meth:`_check_run_dir` first."""
+        from ..data.tasks import load_task_data
+        from ..models.build import load_tokenizers
+
+        resolved, inputs = self._resolved_dump, self._inputs
         teacher_tok, student_tok = load_tokenizers(self.spec, base_dir=self.base_dir)
         tokenizer = student_tok or teacher_tok
         data = load_task_data(self.spec.data, tokenizer, base_dir=self.base_dir)
