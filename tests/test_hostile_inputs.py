@@ -10,7 +10,6 @@ anything before its checks passed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import textwrap
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from test_engine import MAKD_TERMS, write_objective
+from test_run_integrity import tree_digest
 
 from makd_registry.cli import main
 
@@ -643,17 +643,6 @@ def unknown_option(tmp):
 # -- the test ---------------------------------------------------------------------------------
 
 
-def _digest(directory: Path) -> dict[str, str]:
-    out = {}
-    for path in sorted(directory.rglob("*")):
-        rel = str(path.relative_to(directory))
-        if path.is_symlink():
-            out[rel] = "-> " + os.readlink(path)
-        elif path.is_file():
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
-
-
 def _existing_run(directory: Path, damaged: bool) -> None:
     """An earlier run's results (what matters is that they survive)."""
     (directory / "student").mkdir(parents=True)
@@ -684,7 +673,7 @@ def test_hostile_input(bad: Case, tmp_path, capsys, monkeypatch):
     argv = [a for a in argv if a != "+damaged"]
     existing = tmp_path / "existing-run"
     _existing_run(existing, damaged)
-    before = _digest(existing)
+    before = tree_digest(existing)
     if EXISTING in argv:
         argv = [str(existing) if a == EXISTING else a for a in argv]
     elif argv[:1] == ["run"] and "-o" not in argv and len(argv) > 1:
@@ -702,7 +691,7 @@ def test_hostile_input(bad: Case, tmp_path, capsys, monkeypatch):
     assert "internal error" not in err
     for mention in mentions:
         assert mention in err, f"{mention!r} not in: {err}"
-    assert _digest(existing) == before, "the earlier run was changed"
+    assert tree_digest(existing) == before, "the earlier run was changed"
     assert not list(tmp_path.glob(".existing-run.previous-*"))
     assert elapsed < bad.seconds, f"took {elapsed:.1f}s"
     assert not (work / "imported.marker").exists()
