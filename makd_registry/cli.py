@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -343,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _err.print(diag.format(), markup=False)
         return int(exc.exit_code)
     except MakdError as exc:
-        _err.print(f"error: {exc}", markup=False, style="red")
+        interrupted = exc.exit_code == ExitCode.INTERRUPTED
+        if not (interrupted and os.environ.get("RANK", "0") != "0"):  # once, not per process
+            _err.print(f"error: {exc}", markup=False, style="red")
         return int(exc.exit_code)
     except KeyboardInterrupt:
         _err.print("interrupted", style="red")

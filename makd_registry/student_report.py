@@ -9,10 +9,9 @@ def build_student_report(resolved: Any, architectures: Any = None) -> tuple[dict
     """Build the teacher and student of ``resolved`` and describe them: parameter counts,
     layers, the factorization, and the features the objective will capture."""
     from .capture import CapturePlan
+    from .engine.seeding import seeded
     from .models import ArchitectureError, make_architecture_registry
     from .models.build import build_models, check_vocabulary
-
-    from .engine.seeding import seeded
     from .objective.sections import TrainingSection
 
     architectures = architectures or make_architecture_registry()

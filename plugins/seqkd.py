@@ -31,7 +31,8 @@ class SeqKD(Aspect):
         cache_dir: str | None = Field(
             default=None,
             min_length=1,
-            description="Where generations are cached (default: the run directory).",
+            description="Where generations are cached, relative to the objective file "
+            "(default: $MAKD_CACHE_DIR/seqkd).",
         )
 
         @model_validator(mode="after")

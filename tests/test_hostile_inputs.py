@@ -262,6 +262,26 @@ def random_teacher_without_finetune(tmp):
     return run(path), ["bad.yaml:2:", "teacher.config", "finetune"]
 
 
+@case(2)
+def seqkd_terms_with_different_options(tmp):
+    objective = """\
+  type: sum
+  terms:
+    - {type: seqkd, name: short, max_new_tokens: 4}
+    - {type: seqkd, name: long, max_new_tokens: 8}
+"""
+    return run(tiny(tmp, objective=objective)), ["tiny.yaml:", "same decoding options"]
+
+
+@case(2)
+def overwrite_of_the_working_directory(tmp):
+    here = tmp / "here"
+    here.mkdir()
+    (here / "keep.txt").write_text("x")
+    os.chdir(here)
+    return ["run", str(tiny(tmp)), "-o", ".", "--overwrite"], ["working directory"]
+
+
 # -- the command line (2) -------------------------------------------------------------------
 
 

@@ -337,3 +337,163 @@ def test_overwrite_keeps_the_previous_run_until_the_first_checkpoint(whole, tmp_
     assert not (second / "results.txt").exists()
     assert not list(tmp_path.glob(".second.previous-*"))
     assert_same_run(reference, second)
+
+
+# -- edges of resume --------------------------------------------------------------------------
+
+
+def test_resume_after_the_last_checkpoint_but_before_the_summary_finishes_the_run(whole, tmp_path):
+    import shutil
+
+    path, reference, env = whole
+    out = tmp_path / "run"
+    shutil.copytree(reference, out, symlinks=True)
+    (out / "summary.json").unlink()  # killed after the final checkpoint, before the summary
+    shutil.rmtree(out / "student")
+    assert main(["run", str(path), "-o", str(out), "--resume"]) == 0
+    a = json.loads((reference / "summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert b["student"] == a["student"] and b["student"]  # evaluated, not empty
+    assert b["final_loss"] == a["final_loss"]
+    assert_same_run(reference, out)
+
+
+def test_extending_a_finished_run_follows_the_new_schedule(whole, tmp_path):
+    import shutil
+
+    from makd_registry.engine.optim import lr_factor
+
+    path, reference, env = whole
+    out = tmp_path / "run"
+    shutil.copytree(reference, out, symlinks=True)
+    assert main(["run", str(path), "-o", str(out), "--resume", "--set", "training.steps=9"]) == 0
+    train = {r["step"]: r for r in records(out) if r["kind"] == "train"}
+    assert sorted(train) == list(range(1, 10))
+    for step in (7, 8, 9):  # the lr logged at a step is the one that step used
+        expected = 1e-3 * lr_factor(step - 1, total=9, warmup=0, schedule="linear")
+        assert train[step]["lr"] == pytest.approx(expected, rel=1e-6), step
+
+
+def test_a_torn_metrics_line_does_not_stop_a_resume(whole, tmp_path):
+    path, reference, env = whole
+    out = tmp_path / "run"
+    killed = makd("run", str(path), "-o", str(out), env={**env, "MAKD_FAULT": "after_step:3"})
+    assert killed.returncode == -9
+    with (out / "metrics.jsonl").open("a") as handle:
+        handle.write('{"kind": "train", "step": 4, "lo')  # a write cut short by the kill
+    assert main(["run", str(path), "-o", str(out), "--resume"]) == 0
+    assert_same_run(reference, out)
+
+
+def test_the_teacher_cache_survives_a_resume_in_its_first_epoch(tmp_path):
+    # 96 examples, batch 8: the first epoch is 12 steps; the run stops at step 5
+    path = write_objective(tmp_path, steps=16)
+    text = path.read_text().replace("  eval_every: 3\n", "  eval_every: 8\n  teacher_cache: {}\n")
+    path.write_text(text)
+    whole_run, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert makd("run", str(path), "-o", str(whole_run)).returncode == 0
+    killed = makd("run", str(path), "-o", str(resumed), env={"MAKD_FAULT": "sigint_after_step:5"})
+    assert killed.returncode == 130, killed.stderr
+    assert not (resumed / "teacher_cache-0.safetensors").exists()
+    done = makd("run", str(path), "-o", str(resumed), "--resume")
+    assert done.returncode == 0, done.stderr
+    assert (resumed / "teacher_cache-0.safetensors").is_file()
+    assert_same_run(whole_run, resumed)
+
+
+def test_two_processes_with_dropout_resume_exactly(tmp_path):
+    text = OBJECTIVE.format(
+        teacher=DROPOUT.replace("LAYERS", "2"),
+        student=DROPOUT.replace("LAYERS", "1"),
+        tokenizer=ROOT / "data" / "tokenizers" / "bert-uncased",
+        train=ROOT / "data" / "sst2" / "train-2k.tsv",
+        dev=ROOT / "data" / "sst2" / "dev.tsv",
+        steps=4,
+        objective="  type: sum\n  terms: [{type: logits_kd}, {type: ce}]\n",
+    )
+    path = tmp_path / "dropout.yaml"
+    path.write_text(text)
+
+    def torchrun(out: Path, *extra: str, fault: str = "") -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if fault:
+            env["MAKD_FAULT"] = fault
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             "--master_port=29533", "-m", "makd_registry.cli", "run", str(path),
+             "--output", str(out), *extra],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+
+    whole_run, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert torchrun(whole_run).returncode == 0
+    stopped = torchrun(resumed, fault="sigint_after_step:2")
+    assert "interrupted by SIGINT at step 2 of 4" in stopped.stderr
+    assert stopped.stderr.count("interrupted by SIGINT") == 1  # rank 0 says it, once
+    state = json.loads((resumed / "checkpoint" / "state.json").read_text())
+    assert len(state["rank_rng"]) == 2
+    assert torchrun(resumed, "--resume").returncode == 0
+    assert_same_run(whole_run, resumed)
+
+
+def test_the_plan_refuses_a_teacher_batch_smaller_than_the_processes(tmp_path, capsys):
+    from rich.console import Console
+
+    from makd_registry.engine.distributed import World
+    from makd_registry.engine.run import Run, RunOptions
+    from makd_registry.errors import ObjectiveError
+
+    path = write_objective(tmp_path)
+    path.write_text(
+        path.read_text().replace(
+            "learning_rate: 1.0e-3}", "learning_rate: 1.0e-3, batch_size: 2}", 1
+        )
+    )
+    run = Run(path, RunOptions(output=tmp_path / "run"), Console(quiet=True))
+    run.world = World(rank=0, world_size=4, local_rank=0)
+    run._check_run_dir()
+    with pytest.raises(ObjectiveError) as exc:
+        run.plan()
+    assert (
+        "teacher.finetune.batch_size: the teacher's batch of 2 must give every one of the 4"
+        in str(exc.value)
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_without_a_checkpoint_link_uses_its_newest_complete_checkpoint(tmp_path):
+    from makd_registry.engine.checkpoint import REQUIRED, checkpoint_dir
+
+    store = tmp_path / "checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        directory = store / f"step-{step:08d}"
+        directory.mkdir(parents=True)
+        for name in REQUIRED if complete else REQUIRED[:1]:
+            (directory / name).write_text("{}")
+    assert checkpoint_dir(tmp_path) == store / "step-00000004"
+
+
+def test_cache_keys_cover_what_the_cached_outputs_depend_on(tmp_path):
+    from makd_registry.engine.seqkd import cache_key
+    from makd_registry.engine.teacher import teacher_key
+    from makd_registry.objective import load_objective
+    from makd_registry.plugins import make_registry
+
+    path = write_objective(tmp_path)
+    registry = make_registry()
+
+    def key(*overrides):
+        resolved = load_objective(path, registry, overrides=list(overrides))
+        return teacher_key(resolved.spec, resolved.base_dir)
+
+    base = key()
+    assert key("training.max_grad_norm=0.01") != base  # the teacher's training clips too
+    assert key("training.precision=bf16") != base
+    assert key("training.seed=3") == base  # the teacher has its own seed
+    assert key("training.log_every=5") == base
+    resolved = load_objective(path, registry)
+    config = registry.get("seqkd").Config(type="seqkd", decoding="sample")
+    generation = {"seed": 0, "batch_size": 8, "device": "cpu", "bf16": False}
+    tokenizer = list(range(10))
+    first = cache_key("t", resolved.spec.data, tokenizer, config, generation)
+    assert cache_key("t", resolved.spec.data, tokenizer, config, {**generation, "seed": 1}) != first

@@ -70,7 +70,13 @@ def checkpoint_dir(run_dir: Path) -> Path | None:
         target = link.resolve()
         if (target / STATE).is_file():
             return target
-    return None
+        return None
+    # no link at all (killed while an older makd's checkpoint/ directory was converted):
+    # the newest complete checkpoint
+    store = Path(run_dir) / STORE
+    steps = sorted(store.glob("step-*")) if store.is_dir() else []
+    complete = [d for d in steps if all((d / name).is_file() for name in REQUIRED)]
+    return complete[-1] if complete else None
 
 
 def read_state(run_dir: Path) -> dict[str, Any] | None:
@@ -176,11 +182,18 @@ def load_checkpoint(
         raise CheckpointError(f"{Path(run_dir) / LINK}: no checkpoint to resume from")
     try:
         load_model(student, str(directory / "student.safetensors"), strict=True)
-        if (directory / "modules.safetensors").is_file():
+        if len(list(modules.parameters())):
+            if not (directory / "modules.safetensors").is_file():
+                raise CheckpointError(
+                    f"{directory}: the checkpoint has no modules.safetensors, but the "
+                    "objective has trainable modules (alignment maps)"
+                )
             load_model(modules, str(directory / "modules.safetensors"), strict=True)
         blob = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
+    except CheckpointError:
+        raise
     except Exception as exc:  # safetensors, torch.load and load_state_dict raise many kinds
         raise CheckpointError(
             f"{directory}: the checkpoint does not match this run's student and objective "
@@ -193,6 +206,28 @@ def load_checkpoint(
     random.setstate(_tuplify(rng["python"]))
     np.random.set_state(_numpy_tuple(rng["numpy"]))
     return state
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as plain data (JSON-able)."""
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state().tolist()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": cuda,
+        "python": _jsonable(random.getstate()),
+        "numpy": _numpy_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+    random.setstate(_tuplify(state["python"]))
+    np.random.set_state(_numpy_tuple(state["numpy"]))
 
 
 def _jsonable(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ class MetricsLog:
         self.path = path
         if keep_until is not None and path.exists():  # resume: drop what came after
             kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until
+                json.dumps(record)
+                for record in _records(path)
+                if record.get("step", 0) <= keep_until
             ]
-            path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            os.replace(tmp, path)
         elif keep_until is None and path.exists():
             path.unlink()
 
@@ -40,10 +43,25 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
 
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file; a line cut short by a kill (the last one) is dropped."""
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a record whose write was interrupted
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return _records(path)
 
 
 class StepProgress:

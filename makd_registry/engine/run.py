@@ -178,9 +178,15 @@ class Run:
         point = self._check_run_dir()
         if point is not None and point.finished and not self.options.dry_run:
             summary = json.loads((self.run_dir / SUMMARY).read_text(encoding="utf-8"))
+            further = (
+                "give --set training.steps=N to train further"
+                if point.step == summary.get("steps")
+                else "it has no final checkpoint to train further from: set "
+                "training.checkpoint_every for runs you may want to extend"
+            )
             self.say(
                 f"{self.run_dir} already finished its {summary.get('steps')} steps: nothing to "
-                "do (give --set training.steps=N to train further)"
+                f"do ({further})"
             )
             return {**summary, "already_finished": True}
         plan = self.plan()
@@ -240,6 +246,7 @@ class Run:
                 "objective distils from it: add 'finetune: {steps: N}' to the teacher "
                 "section, or give a trained 'model'",
             )
+        self._check_seqkd()
         models = self._build_student(teacher, adapter, data)
         models.teacher_tokenizer, models.student_tokenizer = teacher_tok, student_tok
         plan = Plan(
@@ -260,6 +267,25 @@ class Run:
         self._check_models(models, plan)
         plan.memory_mb = self._check_memory(models, capture)
         return plan
+
+    def _check_seqkd(self) -> None:
+        """The SeqKD pass generates once for the whole objective, with the teacher: one set
+        of options, and a teacher section."""
+        from ..objective.build import SOURCE_PATH
+        from .seqkd import seqkd_config
+
+        nodes = [n for n in self.resolved.root.walk() if n.name == "seqkd"]
+        if not nodes:
+            return
+        if self.spec.teacher is None:
+            self._refuse(
+                getattr(nodes[0], SOURCE_PATH, ("objective",)),
+                "seqkd needs a teacher section (the teacher generates the targets)",
+            )
+        try:
+            seqkd_config(self.resolved.root)
+        except ValueError as exc:
+            self._refuse(getattr(nodes[-1], SOURCE_PATH, ("objective",)), str(exc))
 
     def _check_batch(self, data: Any) -> None:
         """Settings that cannot work with this data or this number of processes."""
@@ -285,12 +311,20 @@ class Run:
                 "example's features)",
             )
         finetune = self.spec.teacher.finetune if self.spec.teacher is not None else None
-        if finetune is not None and (finetune.batch_size or training.batch_size) > examples:
-            self._refuse(
-                ("teacher", "finetune", "batch_size"),
-                f"the teacher's batch of {finetune.batch_size or training.batch_size} exceeds "
-                f"the {examples} training examples",
-            )
+        if finetune is not None:
+            batch = finetune.batch_size or training.batch_size
+            where = ("teacher", "finetune", "batch_size" if finetune.batch_size else "steps")
+            if batch > examples:
+                self._refuse(
+                    where,
+                    f"the teacher's batch of {batch} exceeds the {examples} training examples",
+                )
+            if batch < self.world.world_size:
+                self._refuse(
+                    where,
+                    f"the teacher's batch of {batch} must give every one of the "
+                    f"{self.world.world_size} processes at least one example",
+                )
 
     def _initial_teacher(self, data: Any) -> tuple[Any, Any, bool, dict | None, dict]:
         """The teacher as the run starts: built or loaded, or the cached fine-tuned one."""
@@ -467,10 +501,11 @@ class Run:
             return stop.requested
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self._collective_device())
+        # the signal number itself, so that every process reports the one that came
+        flag = torch.tensor([float(stop.signal or 0)], device=self._collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and stop.signal is None:
-            stop.signal = 2  # SIGINT: another process was interrupted
+        if flag.item() > 0:
+            stop.signal = int(flag.item())
         return bool(flag.item() > 0)
 
     def _collective_device(self) -> torch.device:
@@ -497,9 +532,13 @@ class Run:
         config = seqkd_config(self.resolved.root)
         if config is None:
             return
-        if teacher is None:
-            self._refuse(("objective",), "seqkd needs a teacher section")
-        key = cache_key(self._teacher_id(), self.spec.data, tokenizer, config)
+        generation = {
+            "seed": self.training.seed,
+            "batch_size": self.training.eval_batch_size or self.training.batch_size,
+            "device": self.device.type,
+            "bf16": self.bf16,
+        }
+        key = cache_key(self._teacher_id(), self.spec.data, tokenizer, config, generation)
         directory = (
             (self.base_dir / config.cache_dir) if config.cache_dir else cache_root() / "seqkd"
         )
@@ -599,7 +638,9 @@ class Run:
         if self.options.resume:
             state = trainer.resume(run_dir)  # reads only: the checkpoint is checked first
         else:
-            seed_all(purpose_seed(training.seed, "train"))  # dropout's own stream
+            # dropout's own stream, one per process (rank 0: the single-process stream)
+            rank = self.world.rank
+            seed_all(purpose_seed(training.seed, "train" if rank == 0 else f"train:{rank}"))
         record, files = self._record(plan)
         with self.rundir.transaction(record, files):
             self.world.barrier()
@@ -670,7 +711,8 @@ class Run:
             metrics.write({"kind": "eval", "step": 0, "teacher": teacher_eval})
         top_terms = [c.path for c in self.resolved.root.children][:3]
         student_eval: dict[str, float] = {}
-        evaluated_at = saved_at = trainer.step if self.options.resume else -1
+        evaluated_at = -1  # the student is always evaluated at the end
+        saved_at = trainer.step if self.options.resume else -1
         result = None
         extra = {"teacher_eval": teacher_eval}
 
@@ -678,8 +720,9 @@ class Run:
             nonlocal saved_at
             if saved_at != trainer.step:
                 extra["final_loss"] = result.loss if result is not None else None
+                rng = trainer.rank_rng_states()  # a collective: every process takes part
                 if self.world.main:
-                    trainer.save(run_dir, extra)
+                    trainer.save(run_dir, {**extra, "rank_rng": rng})
                 self.world.barrier()
                 saved_at = trainer.step
             self.rundir.commit()

@@ -230,11 +230,20 @@ class RunDirectory:
         if self.resume:
             self.resume_point = self._check_resume(resolved, inputs, steps)
             return self.resume_point
-        if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
-            raise RunError(
-                f"run directory {self.path} is not empty: pass --resume to continue "
-                "it, --overwrite to replace it, or --output for another directory"
-            )
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not self.overwrite:
+                raise RunError(
+                    f"run directory {self.path} is not empty: pass --resume to continue "
+                    "it, --overwrite to replace it, or --output for another directory"
+                )
+            here = Path.cwd().resolve()
+            target = self.path.resolve()
+            if target == here or target in here.parents or os.path.ismount(target):
+                raise RunError(
+                    f"--overwrite cannot replace {self.path}: it is the working directory, "
+                    "one of its parents, or a mount point (it is moved aside first); give "
+                    "--output a directory below it"
+                )
         return None
 
     def _check_resume(
@@ -284,9 +293,9 @@ class RunDirectory:
     def transaction(self, record: dict[str, Any], files: dict[str, str]) -> Iterator[None]:
         """Prepare the directory and write ``files`` (name → text) and the run record; on a
         failure before :meth:`commit`, an overwritten run is put back."""
-        if self.main:
-            self._begin(record, files)
         try:
+            if self.main:
+                self._begin(record, files)
             yield
         except BaseException:
             if self.main:

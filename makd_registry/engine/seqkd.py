@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from ..data.collate import collate
-from ..errors import MakdError
 
 
 def seqkd_config(root: Any) -> Any | None:
@@ -37,16 +36,24 @@ def seqkd_config(root: Any) -> Any | None:
         for c in configs
     }
     if len(dumps) > 1:
-        raise MakdError("all seqkd terms of one objective must use the same decoding options")
+        raise ValueError(
+            "all seqkd terms of one objective must use the same decoding options (the "
+            "teacher generates its targets once, before training)"
+        )
     return configs[0]
 
 
-def cache_key(teacher_id: str, data_spec: Any, tokenizer: Any, config: Any) -> str:
+def cache_key(
+    teacher_id: str, data_spec: Any, tokenizer: Any, config: Any, generation: dict[str, Any]
+) -> str:
+    """The cache name of the targets: everything they depend on. ``generation`` holds the
+    run's settings that shape the generation (seed, batch size, device, precision)."""
     payload = {
         "teacher": teacher_id,
         "data": data_spec.model_dump(mode="json"),
         "vocab": len(tokenizer),
         "seqkd": config.model_dump(mode="json", exclude={"name", "weight", "cache_dir"}),
+        "generation": generation,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -2,8 +2,8 @@
 
 The fine-tuned teacher is stored under ``$MAKD_CACHE_DIR`` (default ``~/.cache/makd``) in
 ``teachers/<hash>``, where the hash covers the teacher section, the data section, the
-training file's size and modification time, and makd's version: a second run (or another
-objective file with the same teacher) reuses it.
+training settings its own training uses, the training file's size and modification time,
+and makd's version: a second run (or another objective file with the same teacher) reuses it.
 """
 
 from __future__ import annotations
@@ -29,8 +29,13 @@ def teacher_key(spec: Any, base_dir: Path) -> str:
     if train is not None and train.is_file():
         stat = train.stat()
         stamp = [str(train), stat.st_size, int(stat.st_mtime)]
+    training = finetune_training(spec).model_dump(
+        mode="json",
+        exclude={"log_every", "eval_every", "checkpoint_every", "eval_batch_size", "teacher_cache"},
+    )
     payload = {
         "teacher": spec.teacher.model_dump(mode="json"),
+        "training": training,  # everything the teacher's own training step depends on
         "data": data.model_dump(mode="json", exclude={"validation", "validation_limit"}),
         "train_file": stamp,
         "makd": __version__,
@@ -43,8 +48,10 @@ def teacher_key(spec: Any, base_dir: Path) -> str:
 
 def finetune_training(spec: Any) -> Any:
     """The training section of the teacher's own training."""
+    from ..objective.sections import TrainingSection
+
     f = spec.teacher.finetune
-    base = spec.training
+    base = spec.training or TrainingSection()
     return base.model_copy(
         update={
             "steps": f.steps,

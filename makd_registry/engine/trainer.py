@@ -27,7 +27,7 @@ from ..features import Feature
 from ..losses import global_mean_scope
 from ..objective.build import build_objective, third_party_failure
 from ..weighting import weighted_loss
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .optim import make_optimizer
 from .seeding import seeded
 from .terms import TermRecorder
@@ -145,14 +145,14 @@ class Trainer:
             )
         return self._order_cache[1]
 
-    def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of the next optimisation step."""
+    def _micro_indices(self) -> Iterator[list[int]]:
+        """This rank's training rows of each micro-batch of the next optimisation step
+        (advancing the data position)."""
         accum = self.training.gradient_accumulation
-        global_batch = self.training.batch_size
-        micro = global_batch // accum
+        micro = self.training.batch_size // accum
         order = self._order(self.epoch)
         for _ in range(accum):
-            indices = []
+            indices: list[int] = []
             while len(indices) < micro:
                 if self.position >= len(order):
                     self.epoch += 1
@@ -161,11 +161,38 @@ class Trainer:
                 take = min(micro - len(indices), len(order) - self.position)
                 indices += order[self.position : self.position + take]
                 self.position += take
-            mine = indices[self.rank :: self.world_size]
+            yield indices[self.rank :: self.world_size]
+
+    def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next optimisation step."""
+        for mine in self._micro_indices():
             rows = self.data.train.select(mine)
             batch = {k: v.to(self.device) for k, v in collate(list(rows), self.pad_id).items()}
             batch["index"] = torch.tensor(mine)
             yield batch
+
+    def _refill_teacher_cache(self) -> None:
+        """After a resume: the teacher cache of a stage whose first epoch was not complete
+        at the checkpoint is rebuilt from the steps already taken (the same batches, so the
+        same stored features), so that later epochs read exactly what an uninterrupted run
+        reads."""
+        if self.training.teacher_cache is None or self.teacher is None:
+            return
+        target = (self.step, self.epoch, self.position)
+        self.step = self.epoch = self.position = 0
+        try:
+            while self.step < target[0]:
+                cache = self.teacher_cache
+                if cache is None or cache.complete:
+                    for _ in self._micro_indices():  # only the data position moves
+                        pass
+                else:
+                    fx = self.extractor()
+                    for batch in self.micro_batches():
+                        self._teacher_from_cache(fx, batch)
+                self.step += 1
+        finally:
+            self.step, self.epoch, self.position = target
 
     # -- one step ----------------------------------------------------------------------
 
@@ -203,7 +230,8 @@ class Trainer:
                     if failure is None:
                         raise
                     raise failure from None
-            (loss / accum).backward()
+            if loss.requires_grad:  # a micro-batch whose terms all skip it has nothing to add
+                (loss / accum).backward()
             total += float(loss.detach()) / accum
         if self.world_size > 1:
             self._average_gradients()
@@ -312,6 +340,16 @@ class Trainer:
             state={**self.state(), **(extra or {})},
         )
 
+    def rank_rng_states(self) -> list[dict[str, Any]] | None:
+        """Every process's RNG states, gathered (a collective); None for one process."""
+        if self.world_size <= 1:
+            return None
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, rng_state())
+        return out
+
     def resume(self, run_dir: Path) -> dict[str, Any]:
         state = load_checkpoint(
             run_dir,
@@ -321,6 +359,19 @@ class Trainer:
             scheduler=self.scheduler,
         )
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        ranks = state.get("rank_rng")
+        if ranks and len(ranks) == self.world_size and self.world_size > 1:
+            set_rng_state(ranks[self.rank])  # each process continues its own streams
+        # the learning rate of the next step follows this run's schedule (its total steps
+        # may have grown since the checkpoint)
+        sched = self.scheduler
+        for group, base, factor in zip(
+            self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.close()
+        self._refill_teacher_cache()
         self.close()
         return state
 

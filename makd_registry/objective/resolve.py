@@ -23,6 +23,7 @@ from ..errors import Diagnostic, ExitCode, ObjectiveError, PluginError
 from ..features import FeatureRequest
 from ..mapping import LayerPair, MappingError
 from ..registry import AspectRegistry
+from ..weighting import effective_weights
 from .build import SOURCE_PATH, build_objective
 from .depths import (
     DepthError,
@@ -198,6 +199,9 @@ class _Resolver:
         self.depths = (student_layers, teacher_layers)
         self._check_data_files()
         root = self._build(self.spec.objective, ("objective",), None, "", is_root=True)
+        if self.diags:
+            raise ObjectiveError(self.diags)
+        self._check_weights(root)
         if self.diags:
             raise ObjectiveError(self.diags)
         if self.architectures is not None:
@@ -498,6 +502,20 @@ class _Resolver:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         return aspect
+
+    def _check_weights(self, root: Aspect) -> None:
+        """Something must be trained: an objective (each stage of a staged one) whose every
+        term has effective weight 0 is an error, not a run that trains nothing."""
+        factors = effective_weights(root)
+        groups = list(root.children) if root.name == "stages" else [root]
+        for group in groups:
+            leaves = [n for n in group.walk() if not n.children]
+            if leaves and all(factors[leaf.path] == 0 for leaf in leaves):
+                self.error(
+                    getattr(group, SOURCE_PATH, ("objective",)),
+                    f"every term of '{group.path}' has an effective weight of 0 (the product "
+                    "of the weights down to it): nothing would be trained",
+                )
 
     def _check_stage_budgets(self, config: Any, path: YPath) -> None:
         """Every stage must start before training ends, or it would silently never run."""

@@ -188,9 +188,7 @@ def read_objective_text(path: Path | Any) -> str:
     def fail(message: str) -> ObjectiveError:
         return ObjectiveError([Diagnostic(1, 1, "<file>", message, str(path))])
 
-    too_big = (
-        f"the file is larger than the {_size(MAX_FILE_BYTES)} an objective file may have"
-    )
+    too_big = f"the file is larger than the {_size(MAX_FILE_BYTES)} an objective file may have"
     try:
         if path.is_dir():
             raise fail("is a directory, not an objective file")

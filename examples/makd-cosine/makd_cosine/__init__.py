@@ -30,6 +30,8 @@ class HiddenCosine(Aspect):
     def loss(self, features):
         import torch
 
+        from makd_registry.losses import global_count
+
         total = features.zero()
         for student_layer, teacher_layer in self.pairs:
             h_s = features.student(Feature.HIDDEN, student_layer).float()
@@ -42,12 +44,12 @@ class HiddenCosine(Aspect):
             cos = torch.nn.functional.cosine_similarity(h_s, h_t, dim=-1, eps=self.config.eps)
             distance = 1.0 - cos  # (B, T)
             mask = features.attention_mask
+            # divide by global_count: with several processes, the count of all of them
             if mask is None:
-                total = total + distance.mean()
+                total = total + distance.sum() / global_count(distance.numel(), distance.device)
             else:
                 valid = mask.to(torch.bool)
-                count = valid.sum().clamp_min(1)
-                total = total + torch.where(valid, distance, 0.0).sum() / count
+                total = total + torch.where(valid, distance, 0.0).sum() / global_count(valid.sum())
         return total / max(len(self.pairs), 1)
 
 
