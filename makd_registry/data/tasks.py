@@ -1,14 +1,22 @@
 """Tokenising raw examples for each task (cached by ``datasets``' fingerprints).
 
 * ``classification`` / ``pair_classification``: ``input_ids``, ``attention_mask`` (and
-  ``token_type_ids``), ``labels``;
-* ``qa``: question + context (truncated context), ``labels`` = (start, end) token of the
-  first answer; windows whose answer was cut off are dropped from training; evaluation keeps
-  offsets to map predicted spans back to text;
+  ``token_type_ids``), ``labels`` (class ids, see :func:`label_mapping`);
+* ``qa``: question + context, the context cut into overlapping windows of ``max_length``
+  tokens (a quarter of ``max_length`` shared between neighbours); ``labels`` = (start, end)
+  token of the first answer; training keeps the windows that hold the whole answer, and
+  evaluation keeps every window with its offsets, to map predicted spans back to the
+  context and pick the best window of each question;
 * ``causal_lm``: the whole text tokenised and cut into blocks of ``max_length`` tokens,
   ``labels`` = ``input_ids`` (shifted in the loss);
 * ``instruction``: prompts ("instruction\\n\\ninput\\n\\n") with reference outputs, for
   generation-based evaluation only.
+
+Cells are checked before tokenising: an empty, whitespace-only or non-text value in a text
+column, a missing or unknown label, or an answer span that is not in its context is a
+:class:`DataError` naming the file, the column and the first offending rows (or question
+ids). Raw text (``causal_lm``) is the exception: blank lines belong to it, and missing
+cells (an empty CSV cell) are skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .sources import DataError, load_split, require_columns
+from .sources import DataError, check_text_column, load_split, require_columns, row_list
+from .sources import source_name as _source_name
 
 MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
@@ -32,6 +41,9 @@ class TaskData:
     #: evaluation-only columns kept per validation row (QA offsets, references)
     validation_raw: Any = None
     num_labels: int | None = None
+    #: classification: the name of each class id (``data.labels``, the string labels of the
+    #: data, or a hub dataset's ClassLabel names); None for plain integer labels
+    label_names: list[str] | None = None
 
 
 def _columns(spec: Any) -> dict[str, str]:
@@ -57,13 +69,17 @@ def _columns(spec: Any) -> dict[str, str]:
 
 
 def load_task_data(spec: Any, tokenizer: Any, *, base_dir: Path) -> TaskData:
-    """Load and tokenise the data section ``spec`` (a ``DataSection``)."""
+    """Load, check and tokenise the data section ``spec`` (a ``DataSection``)."""
     if tokenizer is None:
         raise DataError(
             "no tokenizer: give teacher.tokenizer (or a model directory with tokenizer files)"
         )
+    classify = spec.task in ("classification", "pair_classification")
+    if getattr(spec, "labels", None) is not None and not classify:
+        raise DataError(f"data.labels: only classification tasks have labels (task: {spec.task})")
     out = TaskData(task=spec.task)
     columns = _columns(spec)
+    mapping: LabelMapping | None = None
     for split in ("train", "validation"):
         ref = getattr(spec, split)
         if ref is None:
@@ -73,13 +89,14 @@ def load_task_data(spec: Any, tokenizer: Any, *, base_dir: Path) -> TaskData:
                 "data.train: instruction data is for evaluation only (Self-Instruct asks not "
                 "to train on it); train on another task"
             )
+        what = f"data.{split}"
         raw = load_split(
             ref,
             base_dir=base_dir,
             split=spec.train_split if split == "train" else spec.validation_split,
             subset=spec.subset,
             limit=spec.train_limit if split == "train" else spec.validation_limit,
-            what=f"data.{split}",
+            what=what,
         )
         if (
             spec.task == "causal_lm"
@@ -89,17 +106,220 @@ def load_task_data(spec: Any, tokenizer: Any, *, base_dir: Path) -> TaskData:
             raw = raw.rename_column("text", spec.text_column)
         if spec.task == "instruction" and spec.input_column not in raw.column_names:
             raw = _flatten_instances(raw, spec)
-        require_columns(raw, columns, ref, f"data.{split}")
-        tokenised, kept = _tokenise(spec, raw, tokenizer, train=split == "train")
+        require_columns(raw, columns, ref, what)
+        where = f"{what}: {_source_name(ref, base_dir)}"
+        _check_cells(spec, raw, where)
+        if classify:
+            if mapping is None:
+                mapping = label_mapping(spec, raw, where)
+                out.num_labels, out.label_names = mapping.num_labels, mapping.names
+            ids = mapping.ids(raw[spec.label_column], where, spec.label_column)
+            tokenised, kept = _tokenise_classification(spec, raw, tokenizer, ids), None
+        else:
+            tokenised, kept = _tokenise(spec, raw, tokenizer, train=split == "train", where=where)
         setattr(out, split, tokenised)
         if split == "validation":
             out.validation_raw = kept
-    if out.train is not None and spec.task in ("classification", "pair_classification"):
-        labels = out.train.unique("labels")
-        if any(not isinstance(v, int) or v < 0 for v in labels):
-            raise DataError(f"data.train: labels must be integers >= 0, got {sorted(labels)[:5]}")
-        out.num_labels = max(labels) + 1
     return out
+
+
+# -- cell checks -------------------------------------------------------------------------
+
+
+def _check_cells(spec: Any, raw: Any, where: str) -> None:
+    """Text columns hold non-blank text; QA answers are spans of their context."""
+    ids = raw["id"] if "id" in raw.column_names else None
+    if spec.task in ("classification", "pair_classification"):
+        check_text_column(raw, spec.text_column, where=where)
+        if spec.task == "pair_classification":
+            check_text_column(raw, spec.text_pair_column, where=where)
+    elif spec.task == "qa":
+        check_text_column(raw, spec.question_column, where=where, ids=ids)
+        check_text_column(raw, spec.context_column, where=where, ids=ids)
+        _check_answers(raw, spec, where, ids)
+    elif spec.task == "causal_lm":
+        # raw text: blank lines separate paragraphs, and an empty CSV/JSON cell adds nothing
+        check_text_column(raw, spec.text_column, where=where, skip_missing=True, allow_blank=True)
+    else:  # instruction: the input is optional
+        check_text_column(raw, spec.instruction_column, where=where, ids=ids)
+        check_text_column(raw, spec.output_column, where=where, ids=ids)
+        if spec.input_column in raw.column_names:
+            check_text_column(
+                raw, spec.input_column, where=where, ids=ids, skip_missing=True, allow_blank=True
+            )
+
+
+def _check_answers(raw: Any, spec: Any, where: str, ids: Any) -> None:
+    """Every answer is ``{text: [...], answer_start: [...]}`` with
+    ``context[start : start + len(text)] == text``."""
+    column = spec.answers_column
+    malformed, outside = [], []
+    first_outside = ""
+    for i, (answers, context) in enumerate(zip(raw[column], raw[spec.context_column], strict=True)):
+        texts = answers.get("text") if isinstance(answers, dict) else None
+        starts = answers.get("answer_start") if isinstance(answers, dict) else None
+        if (
+            not isinstance(texts, list)
+            or not isinstance(starts, list)
+            or len(texts) != len(starts)
+            or not all(isinstance(t, str) and t for t in texts)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in starts)
+        ):
+            malformed.append(i)
+            continue
+        for text, start in zip(texts, starts, strict=True):
+            inside = 0 <= start <= len(context) - len(text)
+            if not inside or context[start : start + len(text)] != text:
+                if not outside:
+                    found = context[start : start + len(text)] if 0 <= start < len(context) else ""
+                    first_outside = (
+                        f"answer {text!r} at {start}: the context there reads {found!r}"
+                        if found
+                        else f"answer {text!r} at {start}: outside the context "
+                        f"({len(context)} characters)"
+                    )
+                outside.append(i)
+                break
+    if malformed:
+        raise DataError(
+            f"{where}: column {column!r} must hold {{text: [non-empty strings], answer_start: "
+            f"[integers]}} of equal lengths; {len(malformed)} of {len(raw)} questions do not "
+            f"({row_list(malformed, ids)}; the first holds {raw[malformed[0]][column]!r})"
+        )
+    if outside:
+        raise DataError(
+            f"{where}: {len(outside)} of {len(raw)} questions have an answer that is not the "
+            f"span of the context at its answer_start ({row_list(outside, ids)}; "
+            f"{first_outside}): fix answer_start"
+        )
+
+
+# -- labels ------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelMapping:
+    """Cell value → class id: keys are the stripped string form of each value."""
+
+    index: dict[str, int]
+    num_labels: int
+    names: list[str] | None
+    known: str  # how messages describe the known labels
+
+    def ids(self, values: list[Any], where: str, column: str) -> list[int]:
+        keys = _label_keys(values, where, column)
+        unknown = [i for i, k in enumerate(keys) if k not in self.index]
+        if unknown:
+            value = values[unknown[0]]
+            raise DataError(
+                f"{where}: column {column!r}: label {value!r} is not a known label in "
+                f"{len(unknown)} of {len(values)} rows ({row_list(unknown)}); known labels: "
+                f"{self.known}"
+            )
+        return [self.index[k] for k in keys]
+
+
+def _label_keys(values: list[Any], where: str, column: str) -> list[str]:
+    """Each label cell as its key: an int (or a whole float, as CSV readers give integer
+    columns with gaps) as its decimal form, a string stripped; anything else is an error."""
+    keys: list[str | None] = []
+    for v in values:
+        if isinstance(v, bool):
+            keys.append(None)
+        elif isinstance(v, int):
+            keys.append(str(v))
+        elif isinstance(v, float) and v.is_integer():
+            keys.append(str(int(v)))
+        elif isinstance(v, str) and v.strip():
+            keys.append(v.strip())
+        else:
+            keys.append(None)
+    missing = [
+        i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())
+    ]
+    if missing:
+        raise DataError(
+            f"{where}: column {column!r} has no label in {len(missing)} of {len(values)} rows "
+            f"({row_list(missing)}; rows count from 1, a header not counted)"
+        )
+    wrong = [i for i, k in enumerate(keys) if k is None]
+    if wrong:
+        first = values[wrong[0]]
+        raise DataError(
+            f"{where}: column {column!r}: labels must be integers or strings, but "
+            f"{len(wrong)} rows hold other values ({row_list(wrong)}; the first is {first!r})"
+        )
+    return keys  # type: ignore[return-value]
+
+
+def label_mapping(spec: Any, raw: Any, where: str) -> LabelMapping:
+    """The class ids of the first split read (train, else validation).
+
+    * ``data.labels`` given: a value's class id is its position in that list; an integer
+      cell matches the integer or its decimal string in the list (``1`` and ``"1"`` are
+      the same label);
+    * else integer labels are the class ids themselves (``num_labels`` = max + 1; they must
+      be ≥ 0), a hub ClassLabel column keeps its names, and string labels are numbered in
+      sorted order of the distinct values; integers and strings may not be mixed."""
+    column = spec.label_column
+    given = getattr(spec, "labels", None)
+    if given is not None:
+        index: dict[str, int] = {}
+        for i, label in enumerate(given):
+            key = str(label).strip()
+            if key in index:
+                raise DataError(
+                    f"data.labels: {label!r} is given twice (as item {index[key]} and {i})"
+                )
+            index[key] = i
+        names = [str(label).strip() for label in given]
+        return LabelMapping(index, len(given), names, f"{', '.join(names)} (data.labels)")
+    values = raw[column]
+    keys = _label_keys(values, where, column)
+    feature = raw.features.get(column)
+    class_names = getattr(feature, "names", None)
+    ints = [v for v in values if not isinstance(v, str)]
+    if ints and len(ints) < len(values):
+        first_str = next(v for v in values if isinstance(v, str))
+        raise DataError(
+            f"{where}: column {column!r} mixes integer labels ({ints[0]!r}) and string labels "
+            f"({first_str!r}); give data.labels to name the classes in order"
+        )
+    if class_names:
+        index = {str(i): i for i in range(len(class_names))}
+        index.update({str(n): i for i, n in enumerate(class_names)})
+        for k in keys:
+            if k not in index:  # e.g. -1, the unlabelled rows of GLUE test splits
+                break
+        else:
+            return LabelMapping(index, len(class_names), list(class_names), ", ".join(class_names))
+    if ints:
+        numbers = sorted({int(k) for k in keys})
+        negative = [i for i, k in enumerate(keys) if int(k) < 0]
+        if negative:
+            raise DataError(
+                f"{where}: column {column!r}: integer labels must be >= 0, got "
+                f"{values[negative[0]]!r} in {len(negative)} rows ({row_list(negative)})"
+            )
+        count = numbers[-1] + 1
+        if count < 2:
+            raise DataError(
+                f"{where}: column {column!r} holds only the label {numbers[0]}: a classifier "
+                "needs at least two classes (give data.labels to name them all)"
+            )
+        index = {str(i): i for i in range(count)}
+        return LabelMapping(index, count, None, f"the integers 0..{count - 1}")
+    names = sorted(set(keys))
+    if len(names) < 2:
+        raise DataError(
+            f"{where}: column {column!r} holds only the label {names[0]!r}: a classifier needs "
+            "at least two classes (give data.labels to name them all)"
+        )
+    index = {n: i for i, n in enumerate(names)}
+    return LabelMapping(index, len(names), names, f"{', '.join(names)} (those of data.train)")
+
+
+# -- tokenising --------------------------------------------------------------------------
 
 
 def _flatten_instances(raw: Any, spec: Any) -> Any:
@@ -117,28 +337,29 @@ def _flatten_instances(raw: Any, spec: Any) -> Any:
     return raw.map(flat, remove_columns=["instances"])
 
 
-def _tokenise(spec: Any, raw: Any, tokenizer: Any, *, train: bool) -> tuple[Any, Any]:
-    task = spec.task
+def _tokenise_classification(spec: Any, raw: Any, tokenizer: Any, ids: list[int]) -> Any:
     n = spec.max_length
-    if task in ("classification", "pair_classification"):
-        pair = spec.text_pair_column if task == "pair_classification" else None
+    pair = spec.text_pair_column if spec.task == "pair_classification" else None
 
-        def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-            texts = batch[spec.text_column]
-            enc = tokenizer(texts, batch[pair] if pair else None, truncation=True, max_length=n)
-            enc["labels"] = batch[spec.label_column]
-            return dict(enc)
+    def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
+        texts = batch[spec.text_column]
+        enc = tokenizer(texts, batch[pair] if pair else None, truncation=True, max_length=n)
+        enc["labels"] = [ids[i] for i in indices]
+        return dict(enc)
 
-        data = raw.map(encode, batched=True, remove_columns=raw.column_names)
-        return data, None
+    return raw.map(encode, batched=True, with_indices=True, remove_columns=raw.column_names)
+
+
+def _tokenise(spec: Any, raw: Any, tokenizer: Any, *, train: bool, where: str) -> tuple[Any, Any]:
+    task = spec.task
     if task == "qa":
-        return _tokenise_qa(spec, raw, tokenizer, train=train)
+        return _tokenise_qa(spec, raw, tokenizer, train=train, where=where)
     if task == "causal_lm":
-        return _tokenise_lm(spec, raw, tokenizer), None
+        return _tokenise_lm(spec, raw, tokenizer, where), None
     return _tokenise_instruction(spec, raw, tokenizer)
 
 
-def _tokenise_lm(spec: Any, raw: Any, tokenizer: Any) -> Any:
+def _tokenise_lm(spec: Any, raw: Any, tokenizer: Any, where: str) -> Any:
     import datasets
 
     from ..models.loading import quiet_transformers
@@ -149,59 +370,110 @@ def _tokenise_lm(spec: Any, raw: Any, tokenizer: Any) -> Any:
     n = spec.max_length
     blocks = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)]
     if not blocks:
-        raise DataError(f"the text has {len(ids)} tokens, fewer than one block of {n}")
+        raise DataError(
+            f"{where}: the text has {len(ids)} tokens, fewer than one block of {n} "
+            "(data.max_length)"
+        )
     return datasets.Dataset.from_dict(
         {"input_ids": blocks, "attention_mask": [[1] * n] * len(blocks), "labels": blocks}
     )
 
 
-def _tokenise_qa(spec: Any, raw: Any, tokenizer: Any, *, train: bool) -> tuple[Any, Any]:
-    n = spec.max_length
+def qa_windows(max_length: int, specials: int) -> tuple[int, int]:
+    """``(question tokens at most, tokens shared by neighbouring windows)`` for QA inputs of
+    ``max_length`` tokens with ``specials`` special tokens: a question keeps at most half
+    the room, and windows overlap by a quarter of ``max_length`` (less if the context part
+    is shorter)."""
+    room = max_length - specials
+    question = room // 2
+    context = room - question
+    return question, max(0, min(max_length // 4, context - 1))
 
-    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+
+def _tokenise_qa(
+    spec: Any, raw: Any, tokenizer: Any, *, train: bool, where: str
+) -> tuple[Any, Any]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"{where}: qa needs a fast tokenizer (character offsets map answers to tokens); "
+            f"{type(tokenizer).__name__} is not one"
+        )
+    n = spec.max_length
+    max_question, stride = qa_windows(n, tokenizer.num_special_tokens_to_add(pair=True))
+    if max_question < 1:
+        raise DataError(f"data.max_length: {n} tokens leave no room for a question and context")
+
+    def encode(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
+        questions = [q.strip() for q in batch[spec.question_column]]
+        questions = _cut_questions(tokenizer, questions, max_question)
         enc = tokenizer(
-            [q.lstrip() for q in batch[spec.question_column]],
+            questions,
             batch[spec.context_column],
             truncation="only_second",
             max_length=n,
+            stride=stride,
+            return_overflowing_tokens=True,
             return_offsets_mapping=True,
         )
-        starts, ends, keep, offsets = [], [], [], []
-        for i, answers in enumerate(batch[spec.answers_column]):
-            seq = enc.sequence_ids(i)
-            offs = enc["offset_mapping"][i]
+        starts, ends, keep, offsets, examples = [], [], [], [], []
+        for w, example in enumerate(enc.pop("overflow_to_sample_mapping")):
+            answers = batch[spec.answers_column][example]
+            seq = enc.sequence_ids(w)
+            offs = enc["offset_mapping"][w]
             ctx = [j for j, s in enumerate(seq) if s == 1]
             start_tok = end_tok = 0
             found = False
-            if answers["text"]:
+            if answers["text"] and ctx:
                 a_start = answers["answer_start"][0]
                 a_end = a_start + len(answers["text"][0])
-                if ctx and offs[ctx[0]][0] <= a_start and offs[ctx[-1]][1] >= a_end:
+                if offs[ctx[0]][0] <= a_start and offs[ctx[-1]][1] >= a_end:
                     start_tok = next(j for j in ctx if offs[j][1] > a_start)
                     end_tok = next(j for j in reversed(ctx) if offs[j][0] < a_end)
                     found = True
             starts.append(start_tok)
             ends.append(end_tok)
             keep.append(found or not train)
-            offsets.append([o if s == 1 else None for o, s in zip(offs, seq, strict=True)])
+            offsets.append([list(o) if s == 1 else None for o, s in zip(offs, seq, strict=True)])
+            examples.append(indices[example])
         enc["labels"] = [[s, e] for s, e in zip(starts, ends, strict=True)]
         enc["keep"] = keep
         enc["offsets"] = offsets
+        enc["example"] = examples
         enc.pop("offset_mapping")
         return dict(enc)
 
-    data = raw.map(encode, batched=True, remove_columns=raw.column_names)
+    data = raw.map(encode, batched=True, with_indices=True, remove_columns=raw.column_names)
     if train:
         data = data.filter(lambda row: row["keep"])
         if len(data) == 0:
-            raise DataError("data.train: no QA example has its answer inside max_length tokens")
-        return data.remove_columns(["keep", "offsets"]), None
+            raise DataError(f"{where}: no QA example has its answer inside max_length tokens")
+        return data.remove_columns(["keep", "offsets", "example"]), None
     kept = {
         "offsets": data["offsets"],
+        "example": data["example"],
         "context": raw[spec.context_column],
         "answers": [a["text"] for a in raw[spec.answers_column]],
     }
-    return data.remove_columns(["keep", "offsets"]), kept
+    if "id" in raw.column_names:
+        kept["id"] = raw["id"]
+    return data.remove_columns(["keep", "offsets", "example"]), kept
+
+
+def _cut_questions(tokenizer: Any, questions: list[str], limit: int) -> list[str]:
+    """Questions longer than ``limit`` tokens are cut after a token, so that they tokenise
+    to at most ``limit`` tokens (cutting inside a word can re-tokenise into more pieces)."""
+    enc = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for question, offs in zip(questions, enc["offset_mapping"], strict=True):
+        keep = limit
+        while len(offs) > limit and keep > 0:
+            cut = question[: offs[keep - 1][1]]
+            if len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= limit:
+                question = cut
+                break
+            keep -= 1
+        out.append(question)
+    return out
 
 
 def _tokenise_instruction(spec: Any, raw: Any, tokenizer: Any) -> tuple[Any, Any]:

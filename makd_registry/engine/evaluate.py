@@ -113,7 +113,9 @@ def qa_best_spans(
     scores = scores.masked_fill(~allowed, float("-inf"))
     best = scores.reshape(len(offsets), -1).max(-1)
     out: list[tuple[float, int, int] | None] = []
-    for w, (score, flat) in enumerate(zip(best.values.tolist(), best.indices.tolist(), strict=True)):
+    for w, (score, flat) in enumerate(
+        zip(best.values.tolist(), best.indices.tolist(), strict=True)
+    ):
         if score == float("-inf"):
             out.append(None)
             continue
