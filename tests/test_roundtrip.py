@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import Field
 
@@ -122,11 +122,17 @@ def objective_files(draw):
                 stage["steps"] = draw(st.integers(1, 10_000))
             stages.append(stage)
         root = {"type": "stages", "stages": stages}
-    return {
+    out = {
         "teacher": {"config": {"model_type": "bert", "num_hidden_layers": teacher}},
         "student": {"config": {"model_type": "bert", "num_hidden_layers": student}},
         "objective": root,
     }
+    if root["type"] == "stages":  # every stage must start before training ends
+        out["training"] = {"steps": sum(s.get("steps", 0) for s in root["stages"]) + 1}
+    # something must be trained: a non-zero effective weight in the objective (each stage)
+    groups = [s["objective"] for s in root["stages"]] if root["type"] == "stages" else [root]
+    assume(all(any(w > 0 for w in _leaf_weights(g)) for g in groups))
+    return out
 
 
 def _leaf_weights(node: dict, parent: float = 1.0) -> list[float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,10 +168,15 @@ def whole(tmp_path_factory):
     return path, out, env
 
 
-def _copy_objective(whole, tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(whole[0].read_text())
-    return path
+@pytest.fixture(scope="module")
+def killed_at_3(whole, tmp_path_factory):
+    """``whole``'s run killed (SIGKILL) after step 3: its checkpoint is of step 2. Tests copy
+    it (``shutil.copytree(..., symlinks=True)``) instead of killing a run of their own."""
+    path, _, env = whole
+    out = tmp_path_factory.mktemp("killed") / "run"
+    killed = makd("run", str(path), "-o", str(out), env={**env, "MAKD_FAULT": "after_step:3"})
+    assert killed.returncode == -9
+    return out
 
 
 @pytest.mark.parametrize(
@@ -215,12 +221,11 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(whole, t
     ids=["temperature", "student", "learning-rate", "data"],
 )
 def test_resume_refuses_a_changed_objective_and_touches_nothing(
-    whole, tmp_path, capsys, override, named
+    whole, killed_at_3, tmp_path, capsys, override, named
 ):
     path, reference, env = whole
     out = tmp_path / "run"
-    killed = makd("run", str(path), "-o", str(out), env={**env, "MAKD_FAULT": "after_step:3"})
-    assert killed.returncode == -9
+    shutil.copytree(killed_at_3, out, symlinks=True)
     before = tree_digest(out)
     assert main(["run", str(path), "-o", str(out), "--resume", "--set", override]) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -246,11 +251,10 @@ def test_resume_refuses_changed_data_file_contents(whole, tmp_path, capsys):
     assert tree_digest(out) == before
 
 
-def test_resume_accepts_more_steps_and_records_it(whole, tmp_path, capsys):
+def test_resume_accepts_more_steps_and_records_it(whole, killed_at_3, tmp_path, capsys):
     path, reference, env = whole
     out = tmp_path / "run"
-    killed = makd("run", str(path), "-o", str(out), env={**env, "MAKD_FAULT": "after_step:3"})
-    assert killed.returncode == -9
+    shutil.copytree(killed_at_3, out, symlinks=True)
     code = main(
         [
             "run",
@@ -343,8 +347,6 @@ def test_overwrite_keeps_the_previous_run_until_the_first_checkpoint(whole, tmp_
 
 
 def test_resume_after_the_last_checkpoint_but_before_the_summary_finishes_the_run(whole, tmp_path):
-    import shutil
-
     path, reference, env = whole
     out = tmp_path / "run"
     shutil.copytree(reference, out, symlinks=True)
@@ -359,8 +361,6 @@ def test_resume_after_the_last_checkpoint_but_before_the_summary_finishes_the_ru
 
 
 def test_extending_a_finished_run_follows_the_new_schedule(whole, tmp_path):
-    import shutil
-
     from makd_registry.engine.optim import lr_factor
 
     path, reference, env = whole
@@ -374,11 +374,10 @@ def test_extending_a_finished_run_follows_the_new_schedule(whole, tmp_path):
         assert train[step]["lr"] == pytest.approx(expected, rel=1e-6), step
 
 
-def test_a_torn_metrics_line_does_not_stop_a_resume(whole, tmp_path):
+def test_a_torn_metrics_line_does_not_stop_a_resume(whole, killed_at_3, tmp_path):
     path, reference, env = whole
     out = tmp_path / "run"
-    killed = makd("run", str(path), "-o", str(out), env={**env, "MAKD_FAULT": "after_step:3"})
-    assert killed.returncode == -9
+    shutil.copytree(killed_at_3, out, symlinks=True)
     with (out / "metrics.jsonl").open("a") as handle:
         handle.write('{"kind": "train", "step": 4, "lo')  # a write cut short by the kill
     assert main(["run", str(path), "-o", str(out), "--resume"]) == 0

@@ -802,10 +802,7 @@ class Run:
             "device": str(self.device),
             "precision": "bf16 autocast" if self.bf16 else "fp32",
             "task": plan.data.task,
-            "examples": {
-                "train": len(plan.data.train),
-                "validation": len(plan.data.validation) if plan.data.validation else 0,
-            },
+            "examples": _example_counts(plan.data),
             "labels": getattr(plan.data, "label_names", None),
             "steps": training.steps,
             "batch_size": training.batch_size,
@@ -816,6 +813,18 @@ class Run:
             "captured": plan.capture.summary(),
             "memory_estimate_mb": plan.memory_mb,
         }
+
+
+def _example_counts(data: Any) -> dict[str, int]:
+    """Rows of each split; for QA also the questions (a long context gives several windows)."""
+    out = {
+        "train": len(data.train),
+        "validation": len(data.validation) if data.validation is not None else 0,
+    }
+    raw = data.validation_raw
+    if data.task == "qa" and isinstance(raw, dict) and "answers" in raw:
+        out["validation_questions"] = len(raw["answers"])
+    return out
 
 
 def _name_labels(model: Any, data: Any) -> None:

@@ -203,6 +203,33 @@ class DataSection(StrictModel):
         default=64, ge=1, le=4096, description="instruction: tokens generated per answer."
     )
 
+    @model_validator(mode="after")
+    def _labels_for_classifiers(self) -> DataSection:
+        if self.labels is None:
+            return self
+        if self.task not in ("classification", "pair_classification"):
+            raise_at(
+                ("labels",),
+                "labels_task",
+                "'labels' names the classes of classification tasks, not of {task}",
+                None,
+                task=self.task,
+            )
+        seen: dict[str, int] = {}
+        for i, label in enumerate(self.labels):
+            key = str(label)  # a cell 1 matches 1 and "1": they would be one class
+            if key in seen:
+                raise_at(
+                    ("labels", i),
+                    "duplicate_label",
+                    "label {label} is already labels[{first}]",
+                    label,
+                    label=repr(label),
+                    first=seen[key],
+                )
+            seen[key] = i
+        return self
+
 
 Schedule = Literal["linear", "cosine", "constant"]
 
