@@ -176,6 +176,7 @@ class Run:
 
     def _execute(self) -> dict[str, Any]:
         point = self._check_run_dir()
+        self.world.barrier()  # every process has checked the directory before rank 0 writes
         if point is not None and point.finished and not self.options.dry_run:
             summary = json.loads((self.run_dir / SUMMARY).read_text(encoding="utf-8"))
             further = (
