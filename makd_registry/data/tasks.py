@@ -264,14 +264,8 @@ def label_mapping(spec: Any, raw: Any, where: str) -> LabelMapping:
     column = spec.label_column
     given = getattr(spec, "labels", None)
     if given is not None:
-        index: dict[str, int] = {}
-        for i, label in enumerate(given):
-            key = str(label).strip()
-            if key in index:
-                raise DataError(
-                    f"data.labels: {label!r} is given twice (as item {index[key]} and {i})"
-                )
-            index[key] = i
+        # distinct: DataSection refuses duplicates (1 and "1" included) with their location
+        index = {str(label).strip(): i for i, label in enumerate(given)}
         names = [str(label).strip() for label in given]
         return LabelMapping(index, len(given), names, f"{', '.join(names)} (data.labels)")
     values = raw[column]

@@ -217,7 +217,7 @@ class DataSection(StrictModel):
             )
         seen: dict[str, int] = {}
         for i, label in enumerate(self.labels):
-            key = str(label)  # a cell 1 matches 1 and "1": they would be one class
+            key = str(label).strip()  # a cell 1 matches 1 and "1": they would be one class
             if key in seen:
                 raise_at(
                     ("labels", i),
