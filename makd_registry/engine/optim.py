@@ -22,6 +22,24 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
     return 1.0 - progress
 
 
+def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel (one pass per tensor) where every parameter's device and
+    dtype support it, else the multi-tensor (foreach) one: the same update, computed in
+    fewer passes (on CPU the fused step is several times faster on a large embedding table)."""
+    params = [p for g in groups for p in g["params"]]
+    fusable = bool(params) and all(
+        p.device.type in ("cpu", "cuda")
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for p in params
+    )
+    if fusable:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            pass  # a torch build without the fused kernel for this device
+    return torch.optim.AdamW(groups, lr=lr, foreach=bool(params))
+
+
 def make_optimizer(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]], training: Any
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -35,7 +53,7 @@ def make_optimizer(
         {"params": decay, "weight_decay": training.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=training.learning_rate)
+    optimizer = _adamw(groups, training.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(
