@@ -48,6 +48,7 @@ __all__ = [
     "hidden_mse",
     "kd_divergence",
     "masked_mean",
+    "next_token_cross_entropy",
     "probs_to_log_probs",
     "relation_log_probs",
     "shift_for_causal_lm",
@@ -589,51 +590,140 @@ def _divergence_sum(
     return rows.sum()
 
 
+#: bytes of fp32 work buffer per block of logit rows: small blocks stay in the allocator's
+#: reused memory and in cache (a fresh buffer of many MB costs page faults on every pass)
+_BLOCK_BYTES = 4 * 1024 * 1024
+
+
+def _row_runs(valid: torch.Tensor | None, rows: int) -> list[tuple[int, int]]:
+    """The contiguous runs ``[start, stop)`` of valid rows (every row when ``valid`` is
+    None). Rows are then read as slices: no gather, even when a mask excludes some."""
+    if valid is None:
+        return [(0, rows)] if rows else []
+    v = valid.reshape(-1).to(torch.int8)
+    edges = torch.diff(v, prepend=v.new_zeros(1), append=v.new_zeros(1))
+    starts = (edges == 1).nonzero().reshape(-1).tolist()
+    stops = (edges == -1).nonzero().reshape(-1).tolist()
+    return list(zip(starts, stops, strict=True))
+
+
+def _blocks(runs: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, stop)) for start, stop in runs for a in range(start, stop, size)]
+
+
+def _block_rows(width: int, chunk_size: int | None) -> int:
+    rows = max(1, _BLOCK_BYTES // (4 * max(width, 1)))
+    return min(rows, chunk_size) if chunk_size else rows
+
+
+def _grad_buffer(like: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """The gradient buffer of ``like``'s rows: every valid row is written by the caller, so
+    only the rows between the runs are zeroed (no pass over the whole buffer)."""
+    grad = torch.empty_like(like)
+    previous = 0
+    for start, stop in runs:
+        if start > previous:
+            grad[previous:start].zero_()
+        previous = stop
+    if previous < like.shape[0]:
+        grad[previous:].zero_()
+    return grad
+
+
+def _scaled_by(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+    """The saved gradient times ``grad_output``, in place: the buffer serves one backward.
+    The multiplication is skipped when the factor is exactly 1 on the CPU (a check there
+    costs no device synchronisation); a second backward through the same graph is refused."""
+    if getattr(ctx, "makd_used", False):
+        raise RuntimeError(
+            "this fused loss's gradient buffer was already used by a backward: it was "
+            "modified by an inplace operation; compute the loss again for a second backward"
+        )
+    ctx.makd_used = True
+    (grad,) = ctx.saved_tensors
+    if grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0:
+        return grad
+    return grad.mul_(grad_output.to(grad.dtype))
+
+
 class _FusedKL(torch.autograd.Function):
-    """Forward or reverse KL over ``(N, V)`` logits, chunk by chunk, with the gradient of the
-    student's logits computed in the same pass into one buffer (no recomputation, no
-    per-chunk full-size gradients): ``d/dz_S`` of ``τ²·KL(p_T‖p_S)/n`` is
+    """Forward or reverse KL over ``(N, V)`` logits, block by block over the valid rows, with
+    the gradient of the student's logits computed in the same pass into one buffer (no
+    recomputation, no per-block full-size gradients): ``d/dz_S`` of ``τ²·KL(p_T‖p_S)/n`` is
     ``τ·(p_S − p_T)/n``, and of ``τ²·KL(p_S‖p_T)/n`` it is
     ``τ·p_S ⊙ (log p_S − log p_T − KL_row)/n``. The teacher gets no gradient."""
 
     @staticmethod
-    def forward(ctx, student, teacher, index, chunk, temperature, reverse, denominator):  # type: ignore[override]
-        rows = student.shape[0] if index is None else index.numel()
-        grad = torch.zeros_like(student)
+    def forward(ctx, student, teacher, runs, block, temperature, reverse, denominator):  # type: ignore[override]
+        grad = _grad_buffer(student, runs)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         scale = temperature / denominator
-        for start in range(0, rows, chunk):
-            stop = min(start + chunk, rows)
-            pick = None if index is None else index[start:stop]
-            s = student[start:stop] if pick is None else student.index_select(0, pick)
-            t = teacher[start:stop] if pick is None else teacher.index_select(0, pick)
-            # in-place where possible: about four chunk-sized fp32 tensors at a time
-            ls = F.log_softmax(s.float() / temperature, dim=-1).clamp_min_(MASK_VALUE)
-            lt = F.log_softmax(t.float() / temperature, dim=-1).clamp_min_(MASK_VALUE)
+        for a, b in _blocks(runs, block):
+            s, t = student[a:b].float(), teacher[a:b].float()
+            if temperature != 1.0:
+                s, t = s / temperature, t / temperature
+            ls = F.log_softmax(s, dim=-1).clamp_min_(MASK_VALUE)
+            lt = F.log_softmax(t, dim=-1).clamp_min_(MASK_VALUE)
+            out = grad[a:b]  # contiguous rows of the buffer: written in place, not copied
             if reverse:
                 diff = ls - lt
                 ps = ls.exp_()
                 kl = (ps * diff).sum(-1)
-                g = diff.sub_(kl[:, None]).mul_(ps)
+                diff.sub_(kl[:, None]).mul_(ps)
+                torch.mul(diff, scale, out=out)
             else:
                 pt = lt.exp()
-                kl = (lt.sub_(ls)).mul_(pt).sum(-1)
-                g = ls.exp_().sub_(pt)
+                torch.exp(ls, out=out)
+                kl = lt.sub_(ls).mul_(pt).sum(-1)
+                out.sub_(pt).mul_(scale)
             total += kl.sum()
-            g = g.mul_(scale).to(grad.dtype)
-            if pick is None:
-                grad[start:stop] = g
-            else:
-                grad.index_copy_(0, pick, g)
         ctx.save_for_backward(grad)
         return total * (temperature**2) / denominator
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
         # scaled in place: the buffer is not needed after this backward (a second backward
-        # with retain_graph fails loudly: autograd sees the saved tensor was modified)
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None
+        # with retain_graph fails loudly)
+        return _scaled_by(ctx, grad_output), None, None, None, None, None, None
+
+
+def _ce_blocks(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    runs: list[tuple[int, int]],
+    block: int,
+    denominator: torch.Tensor,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    """Σ −log softmax(z)_y over the valid rows, block by block; with ``grad``, also writes
+    ``(softmax(z) − onehot(y)) / denominator`` into its valid rows."""
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for a, b in _blocks(runs, block):
+        ls = F.log_softmax(logits[a:b].float(), dim=-1)
+        y = targets[a:b].long()[:, None]
+        total -= ls.gather(1, y).sum()
+        if grad is not None:
+            out = grad[a:b]
+            torch.exp(ls, out=out)
+            out.scatter_add_(1, y, out.new_full(y.shape, -1.0))
+            out.div_(denominator)
+    return total / denominator
+
+
+class _FusedCE(torch.autograd.Function):
+    """Cross-entropy over ``(N, C)`` logits and targets, its gradient ``softmax − onehot``
+    computed in the same blocked pass (no log-softmax output kept, no gather of rows)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, runs, block, denominator):  # type: ignore[override]
+        grad = _grad_buffer(logits, runs)
+        value = _ce_blocks(logits, targets, runs, block, denominator, grad)
+        ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        return _scaled_by(ctx, grad_output), None, None, None, None
 
 
 def _chunk_divergence(
@@ -676,12 +766,13 @@ def kd_divergence(
         kind: ``"forward"``, ``"reverse"`` or ``"jsd"``.
         beta: JSD mixture weight of the teacher, in ``(0, 1)``; ignored for the KLs.
         mask: ``logits.shape[:-1]`` (``(B, T)`` for per-token logits), 1 = valid row.
-        chunk_size: process the valid rows in chunks of at most this many rows, so that never
-            more than one chunk of fp32 probabilities exists. For the forward and reverse KL
-            with a teacher that needs no gradient (the usual case), the student's gradient is
-            computed in the same pass into one buffer (no recomputation); otherwise each chunk
-            is checkpointed. Same value and gradients as unchunked (up to float summation
-            order).
+        chunk_size: at most this many rows per block of fp32 work buffers. For the forward
+            and reverse KL with a teacher that needs no gradient (the usual case) the rows are
+            always processed in blocks (of about 4 MiB of fp32 per buffer, fewer rows when
+            ``chunk_size`` says so), read as slices of contiguous valid rows (never gathered),
+            with the student's gradient computed in the same pass into one buffer. Otherwise
+            (JSD, a teacher with gradients) each chunk is checkpointed. Same value and
+            gradients as unblocked (up to float summation order).
 
     Returns:
         Scalar fp32: the mean over examples / valid tokens (``0`` when there is none). Logits
@@ -709,24 +800,25 @@ def kd_divergence(
     s_rows = student_logits.reshape(-1, vocab)
     t_rows = teacher_logits.reshape(-1, vocab)
     fn = partial(_divergence_sum, temperature=temperature, kind=kind, beta=float(beta))
-    index: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
     if mask is not None:
-        m = _as_bool_mask(mask, tuple(student_logits.shape[:-1]), "mask")
-        index = m.reshape(-1).to(s_rows.device).nonzero().squeeze(1)
-    n_rows = s_rows.shape[0] if index is None else index.numel()
+        valid = _as_bool_mask(mask, tuple(student_logits.shape[:-1]), "mask").to(s_rows.device)
+    runs = _row_runs(valid, s_rows.shape[0])
+    n_rows = sum(b - a for a, b in runs)
     denominator = global_count(n_rows, s_rows.device)
 
     fused = (
-        chunk_size is not None
-        and kind in ("forward", "reverse")
+        kind in ("forward", "reverse")
         and not t_rows.requires_grad
         and torch.is_grad_enabled()
         and s_rows.requires_grad
     )
-    if fused:
+    if fused:  # the usual case: one blocked pass, rows read as slices
+        block = _block_rows(vocab, chunk_size)
         return _FusedKL.apply(
-            s_rows, t_rows, index, chunk_size, temperature, kind == "reverse", denominator
+            s_rows, t_rows, runs, block, temperature, kind == "reverse", denominator
         )
+    index = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)
     if chunk_size is None or n_rows <= chunk_size:
         if index is None:
             total = fn(s_rows, t_rows)
@@ -780,10 +872,51 @@ def cross_entropy(
     valid = labels != ignore_index
     if mask is not None:
         valid = valid & _as_bool_mask(mask, tuple(labels.shape), "mask").to(labels.device)
-    rows = logits.reshape(-1, logits.shape[-1])[valid.reshape(-1)].float()
-    targets = labels.reshape(-1)[valid.reshape(-1)].long()
-    total = F.cross_entropy(rows, targets, reduction="sum")
-    return total / global_count(rows.shape[0], rows.device)
+    return _cross_entropy_rows(logits, labels, valid)
+
+
+def _cross_entropy_rows(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """The mean CE of ``logits`` rows against ``targets`` where ``valid``: blocks of
+    contiguous valid rows, the gradient computed in the same pass when one is needed."""
+    width = logits.shape[-1]
+    rows = logits.reshape(-1, width)
+    flat_targets = targets.reshape(-1)
+    runs = _row_runs(valid.to(rows.device), rows.shape[0])
+    denominator = global_count(sum(b - a for a, b in runs), rows.device)
+    block = _block_rows(width, None)
+    if torch.is_grad_enabled() and rows.requires_grad:
+        return _FusedCE.apply(rows, flat_targets, runs, block, denominator)
+    return _ce_blocks(rows, flat_targets, runs, block, denominator, None)
+
+
+@_fp32
+def next_token_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    r"""Next-token CE of ``(B, T, V)`` logits: position ``t`` predicts ``labels[:, t + 1]``.
+
+    The same value as :func:`cross_entropy` on :func:`shift_for_causal_lm`'s outputs, but
+    the logits are never sliced or copied: the targets are shifted instead (the last
+    position has none), and a position counts when ``labels[:, t + 1] != ignore_index`` and,
+    with ``mask``, tokens ``t`` and ``t + 1`` are both real. Scalar fp32 mean over them.
+    """
+    if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    valid = targets != ignore_index
+    if mask is not None:
+        m = _as_bool_mask(mask, tuple(labels.shape), "mask").to(labels.device)
+        valid[:, :-1] &= m[:, :-1] & m[:, 1:]
+    return _cross_entropy_rows(logits, targets.masked_fill(~valid, 0), valid)
 
 
 def shift_for_causal_lm(

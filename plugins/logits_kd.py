@@ -17,8 +17,8 @@ def _student_ce(features, logits):
     if features.labels is None:
         raise ValueError("this objective needs hard labels, but the batch has none")
     labels, mask = features.labels, features.attention_mask
-    if logits.dim() == 3 and features.causal:
-        logits, labels, mask = losses.shift_for_causal_lm(logits, labels, mask)
+    if logits.dim() == 3 and features.causal:  # targets shifted, the logits never copied
+        return losses.next_token_cross_entropy(logits, labels, _token_mask(logits, mask))
     return losses.cross_entropy(logits, labels, _token_mask(logits, mask))
 
 

@@ -72,8 +72,8 @@ class SeqKD(Aspect):
         if not features.causal and targets.dim() == 2 and targets.shape == logits.shape[:2]:
             return losses.cross_entropy(logits, targets)  # QA: (B, 2, T) start/end
         mask = features.attention_mask
-        if features.causal:
-            logits, targets, mask = losses.shift_for_causal_lm(logits, targets, mask)
+        if features.causal:  # targets shifted, the logits never copied
+            return losses.next_token_cross_entropy(logits, targets, mask)
         return losses.cross_entropy(logits, targets, mask)
 
 
