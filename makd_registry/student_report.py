@@ -11,13 +11,27 @@ def build_student_report(resolved: Any, architectures: Any = None) -> tuple[dict
     from .capture import CapturePlan
     from .engine.seeding import seeded
     from .models import ArchitectureError, make_architecture_registry
-    from .models.build import build_models, check_vocabulary
+    from .models.build import build_student, build_teacher, check_vocabulary, load_tokenizers
     from .objective.sections import TrainingSection
 
     architectures = architectures or make_architecture_registry()
-    seed = (resolved.spec.training or TrainingSection()).seed
-    with seeded(seed, "student_init"):  # the student makd run would start from
-        models = build_models(resolved.spec, architectures, base_dir=resolved.base_dir)
+    spec = resolved.spec
+    seed = (spec.training or TrainingSection()).seed
+    finetune = spec.teacher.finetune if spec.teacher is not None else None
+    # each on the random stream makd run builds it on: the student makd run starts from
+    with seeded(finetune.seed if finetune is not None else seed, "teacher_init"):
+        teacher, teacher_adapter = build_teacher(spec, architectures, base_dir=resolved.base_dir)
+    with seeded(seed, "student_init"):
+        models = build_student(
+            spec,
+            architectures,
+            base_dir=resolved.base_dir,
+            teacher=teacher,
+            teacher_adapter=teacher_adapter,
+        )
+    models.teacher_tokenizer, models.student_tokenizer = load_tokenizers(
+        spec, base_dir=resolved.base_dir
+    )
     check_vocabulary(models, resolved.root)
     plan = CapturePlan.from_requests(resolved.requires())
     teacher_pair = None

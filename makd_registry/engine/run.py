@@ -482,7 +482,7 @@ class Run:
                                 "was saved: the next run trains the teacher again"
                             )
             finally:
-                trainer.close()
+                trainer.finish()
         scores = self._evaluate(model, plan.data, plan.tokenizer)
         self.say(f"teacher trained in {time.perf_counter() - start:.0f}s: " + _fmt_scores(scores))
         if self.world.main:
@@ -778,7 +778,7 @@ class Run:
                             f"continue with: {self.resume_command()}"
                         )
         finally:
-            trainer.close()
+            trainer.finish()
         if evaluated_at != trainer.step:  # a resumed run with no step left to train
             student_eval = self._evaluate(student, data, tokenizer)
         return {

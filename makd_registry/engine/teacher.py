@@ -63,6 +63,7 @@ def finetune_training(spec: Any) -> Any:
             "eval_every": None,
             "checkpoint_every": None,
             "schedule": "linear",
+            "embeddings": "train",  # a student setting: the teacher trains all its weights
         }
     )
 

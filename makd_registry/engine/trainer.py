@@ -28,6 +28,7 @@ from ..losses import global_mean_scope
 from ..objective.build import build_objective, third_party_failure
 from ..weighting import weighted_loss
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .embeddings import EmbeddingGradients, freeze_input_embeddings
 from .optim import make_optimizer
 from .seeding import seeded
 from .terms import TermRecorder
@@ -90,6 +91,11 @@ class Trainer:
         with seeded(self.training.seed, "aspect_modules"):
             build_objective(self.root, t_info, s_info, self.source)
         self.modules = AspectModules(self.root.modules()).to(self.device)
+        if getattr(self.training, "embeddings", "train") == "freeze":
+            freeze_input_embeddings(self.student)
+        self.embedding_grads = EmbeddingGradients(
+            self.student, self.device, compiled=bool(self.training.compile)
+        )
         params = [("student." + n, p) for n, p in self.student.named_parameters()]
         params += [("modules." + n, p) for n, p in self.modules.named_parameters()]
         self.optimizer, self.scheduler = make_optimizer(params, self.training)
@@ -129,8 +135,14 @@ class Trainer:
         return self._compiled_student
 
     def close(self) -> None:
+        """Remove the capture hooks (the trainer can go on: they are installed again)."""
         self._stack.close()
         self._extractors.clear()
+
+    def finish(self) -> None:
+        """Training is over: hooks removed and the student's modules as they were."""
+        self.close()
+        self.embedding_grads.close()
 
     # -- data --------------------------------------------------------------------------
 
@@ -233,6 +245,7 @@ class Trainer:
             if loss.requires_grad:  # a micro-batch whose terms all skip it has nothing to add
                 (loss / accum).backward()
             total += float(loss.detach()) / accum
+        self.embedding_grads.densify()
         if self.world_size > 1:
             self._average_gradients()
         norm = None

@@ -277,6 +277,11 @@ class TrainingSection(StrictModel):
         default="auto", description="auto: bf16 autocast (teacher in bf16) on CUDA, fp32 on CPU."
     )
     compile: bool = Field(default=False, description="torch.compile the student's forward.")
+    embeddings: Literal["train", "freeze"] = Field(
+        default="train",
+        description="The student's word embeddings: train them, or freeze them (no gradient "
+        "and no optimizer state; an output layer tied to them is frozen too).",
+    )
     teacher_cache: TeacherCacheSection | None = Field(
         default=None,
         description="Cache the teacher's features ({} for the defaults): epochs after the "
