@@ -204,7 +204,7 @@ class Run:
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            if self.bf16:
+            if self.bf16 and self.device.type == "cuda":  # memory; on the CPU autocast alone
                 teacher.to(torch.bfloat16)
         return self._train(plan, models, student, teacher, teacher_eval or plan.teacher_eval)
 
