@@ -13,7 +13,7 @@ import pluggy
 
 from .aspect import Aspect, AspectConfig, AspectNode, LayerwiseConfig
 from .errors import Diagnostic, ExitCode, MakdError, ObjectiveError, PluginError
-from .features import Feature, FeatureRequest, FeatureSet, ModelInfo
+from .features import Feature, FeatureRequest, FeatureSet, ModelInfo, TopKLogits
 from .mapping import LayerMapping, LayerPair
 from .plugins import make_plugin_manager, make_registry
 
@@ -31,6 +31,7 @@ __all__ = [
     "Feature",
     "FeatureRequest",
     "FeatureSet",
+    "TopKLogits",
     "LayerMapping",
     "LayerPair",
     "LayerwiseConfig",

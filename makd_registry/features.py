@@ -172,6 +172,53 @@ class ModelInfo:
     attention_scale: float | None = None
 
 
+@dataclass(frozen=True)
+class TopKLogits:
+    """A teacher's ``k`` largest logits per row and their token ids; the rest of the
+    vocabulary is left out (the teacher-output cache with ``top_k``).
+
+    ``values`` is ``(..., k)`` (logits, not probabilities), ``indices`` the matching
+    ``(..., k)`` distinct token ids, ``vocab`` the full vocabulary size. The distribution it
+    stands for is the teacher's top-k renormalised: every other token has probability 0.
+    :func:`makd_registry.losses.kd_divergence` takes it directly as the teacher's logits (the
+    forward KL then costs a pass over the k kept entries, not over the vocabulary);
+    :meth:`dense` gives the ``(..., V)`` logits with ``fill`` outside the top k.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    vocab: int
+
+    def __post_init__(self) -> None:
+        if tuple(self.values.shape) != tuple(self.indices.shape):
+            raise ValueError(
+                f"top-k values {tuple(self.values.shape)} and indices "
+                f"{tuple(self.indices.shape)} must have the same shape"
+            )
+        if not 0 < self.values.shape[-1] <= self.vocab:
+            raise ValueError(f"k must be in [1, vocab={self.vocab}], got {self.values.shape[-1]}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the dense logits it stands for, ``(..., V)``."""
+        return (*self.values.shape[:-1], self.vocab)
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def dense(self, fill: float = -1e4) -> torch.Tensor:
+        """The ``(..., V)`` logits: the kept values at their ids, ``fill`` elsewhere."""
+        import torch
+
+        full = torch.full(self.shape, fill, dtype=self.values.dtype, device=self.values.device)
+        return full.scatter_(-1, self.indices.long(), self.values)
+
+
 @dataclass
 class FeatureSet:
     """The captured features of one batch, handed to :meth:`Aspect.loss`.
@@ -199,6 +246,11 @@ class FeatureSet:
     teacher_info: ModelInfo | None = None
     student_info: ModelInfo | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # per-instance memos: never passed on by dataclasses.replace (a copy computes afresh)
+    _dense: dict[int, tuple[Any, Any]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _shared: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def get(self, request: FeatureRequest) -> torch.Tensor:
         """The tensor for ``request``; a ``KeyError`` naming it when it was not captured."""
@@ -209,9 +261,37 @@ class FeatureSet:
         else:
             table = self.teacher_features if request.side == "teacher" else self.student_features
         try:
-            return table[key]
+            value = table[key]
         except KeyError:
             raise KeyError(f"feature {request.describe()} was not captured") from None
+        if isinstance(value, TopKLogits):  # aspects that need dense logits get them, once
+            dense = self._dense.get(id(value))
+            if dense is None or dense[0] is not value:
+                dense = self._dense[id(value)] = (value, value.dense())
+            return dense[1]
+        return value
+
+    def shared(self, key: Any, compute: Any) -> Any:
+        """A value computed once per batch and shared between aspects: ``compute()`` the
+        first time ``key`` is asked for, the same object afterwards. Built-ins use it to
+        compute the KD and the CE of the same logits in one pass (``logits_kd`` stores the
+        CE it computed; ``ce`` finds it). Keys should name the owner, e.g. ``("mypkg",
+        ...)``."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
+
+    def offer(self, key: Any, value: Any) -> None:
+        """Make ``value`` the shared value of ``key`` if nothing computed it yet (see
+        :meth:`shared`)."""
+        self._shared.setdefault(key, value)
+
+    def teacher_top_k(self, feature: Feature | str = "logits") -> TopKLogits | None:
+        """The teacher's logits as :class:`TopKLogits` when they come from a top-k cache
+        (pass them to :func:`~makd_registry.losses.kd_divergence` as they are); None when
+        the teacher's logits are dense (then use :meth:`teacher`)."""
+        value = self.teacher_features.get((Feature(feature), None))
+        return value if isinstance(value, TopKLogits) else None
 
     def zero(self) -> torch.Tensor:
         """A scalar fp32 zero on the device of the captured features."""

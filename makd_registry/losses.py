@@ -46,6 +46,7 @@ __all__ = [
     "global_count",
     "global_mean_scope",
     "hidden_mse",
+    "kd_and_cross_entropy",
     "kd_divergence",
     "masked_mean",
     "next_token_cross_entropy",
@@ -407,38 +408,53 @@ def attention_kl(
 
 class _FusedAttentionKL(torch.autograd.Function):
     """Attention KL from the student's scores with the scores' gradient computed in the same
-    pass (one ``(B, H, T, T)`` buffer kept for backward instead of the log-softmax output,
-    the masks and the KL's intermediates). ``d/ds`` of ``KL(A_T‖A_S)`` per row is
-    ``A_S − A_T``; of ``KL(A_S‖A_T)`` it is ``A_S ⊙ (log A_S − log A_T − KL_row)``."""
+    pass, block by block over the ``(B·H·T, T)`` rows (about 4 MiB of fp32 per work buffer,
+    so the transients stay small and in cache), into one ``(B, H, T, T)`` buffer kept for
+    backward instead of the log-softmax output, the masks and the KL's intermediates.
+    ``d/ds`` of ``KL(A_T‖A_S)`` per row is ``A_S − A_T``; of ``KL(A_S‖A_T)`` it is
+    ``A_S ⊙ (log A_S − log A_T − KL_row)``."""
 
     @staticmethod
     def forward(ctx, scores, teacher_logp, query_valid, n_rows, reverse):  # type: ignore[override]
-        # Probabilities come from softmax, never from exp(log p): excluded keys hold about
-        # MASK_VALUE, and a plain exp of such underflowing inputs takes a slow path on CPU
-        # (several times slower than the whole softmax kernel).
-        ls = F.log_softmax(scores, dim=-1)
-        ps = torch.softmax(scores, dim=-1)
-        lt = teacher_logp.float().clamp_min(MASK_VALUE)
-        if reverse:
-            diff = ls.sub_(lt)
-            kl = (ps * diff).sum(-1)
-            grad = diff.sub_(kl[..., None]).mul_(ps)
-        else:
-            pt = torch.softmax(lt, dim=-1)  # = exp(lt): the rows are normalised
-            kl = lt.sub_(ls).mul_(pt).sum(-1)  # lt is a fresh tensor (clamp_min)
-            grad = ps.sub_(pt)
-        if query_valid is None:
-            grad = grad.div_(n_rows)
-        else:  # (B, 1, T): padded query rows count for nothing (a product: no masked_fill pass)
-            kl = torch.where(query_valid, kl, 0.0)
-            grad = grad.mul_(query_valid[..., None].to(grad.dtype).div_(n_rows))
-        ctx.save_for_backward(grad)
-        return kl.sum() / n_rows
+        b, h, t, _ = scores.shape
+        s_rows, t_rows = scores.reshape(-1, t), teacher_logp.reshape(-1, t)
+        grad = torch.empty_like(s_rows)
+        # per row: 1/n, or 0 for a padded query (a product: no masked_fill pass)
+        weight = None
+        if query_valid is not None:
+            weight = (query_valid.expand(b, h, t).reshape(-1).to(grad.dtype) / n_rows)[:, None]
+        total = torch.zeros((), dtype=torch.float32, device=scores.device)
+        for a, z in _blocks([(0, s_rows.shape[0])], _block_rows(t, None)):
+            s = s_rows[a:z]
+            # Probabilities come from softmax, never from exp(log p): excluded keys hold
+            # about MASK_VALUE, and a plain exp of such underflowing inputs takes a slow
+            # path on CPU (several times slower than the whole softmax kernel).
+            ls = F.log_softmax(s, dim=-1)
+            ps = torch.softmax(s, dim=-1)
+            lt = t_rows[a:z].float().clamp_min(MASK_VALUE)
+            out = grad[a:z]
+            if reverse:
+                diff = ls.sub_(lt)
+                kl = (ps * diff).sum(-1, keepdim=True)
+                torch.mul(diff.sub_(kl), ps, out=out)
+            else:
+                pt = torch.softmax(lt, dim=-1)  # = exp(lt): the rows are normalised
+                kl = lt.sub_(ls).mul_(pt).sum(-1, keepdim=True)  # lt is a fresh tensor
+                torch.sub(ps, pt, out=out)
+            if weight is None:
+                total += kl.sum()
+                out.div_(n_rows)
+            else:
+                w = weight[a:z]
+                total += torch.where(w > 0, kl, 0.0).sum()
+                out.mul_(w)
+        ctx.save_for_backward(grad.view(b, h, t, t))
+        return total / n_rows
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        # in place, like _FusedKL: a second backward (retain_graph) fails autograd's check
+        # in place, like _FusedLogitLosses: a second backward (retain_graph) fails autograd's check
         return grad.mul_(grad_output), None, None, None, None
 
 
@@ -546,14 +562,43 @@ def hidden_mse(
         )
     s = student.float()
     t = teacher.float()
+    m = None
     if attention_mask is not None:
         if s.dim() < 2:
             raise ValueError(f"hidden states must be (B, T, D), got {tuple(s.shape)}")
         m = _as_bool_mask(attention_mask, tuple(s.shape[:2]), "attention_mask").to(s.device)
+    if torch.is_grad_enabled() and s.requires_grad and not t.requires_grad:
+        if m is None:
+            count = global_count(s.numel(), s.device)
+        else:
+            count = global_count(m.sum().to(torch.float32) * math.prod(s.shape[2:]))
+        return _FusedMSE.apply(s, t, m, count)
+    if m is not None:
         m = m.reshape(m.shape + (1,) * (s.dim() - 2))
         s = torch.where(m, s, 0.0)
         t = torch.where(m, t, 0.0)
     return masked_mean((s - t).square(), attention_mask)
+
+
+class _FusedMSE(torch.autograd.Function):
+    """Masked MSE with its gradient ``2·(s − t)/n`` (0 at masked tokens) computed in the
+    forward, into the difference's own buffer: one subtraction, one masking, one
+    reduction, one scaling, instead of autograd's passes over masks, squares and sums.
+    Masked tokens never reach the value or the gradient (``inf``/``nan`` there included)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, mask, count):  # type: ignore[override]
+        diff = student - teacher
+        if mask is not None:
+            diff = torch.where(mask.reshape(mask.shape + (1,) * (diff.dim() - 2)), diff, 0.0)
+        flat = diff.reshape(-1)
+        total = torch.dot(flat, flat)
+        ctx.save_for_backward(diff.mul_(2.0 / count))
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        return _scaled_by(ctx, grad_output), None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,6 +634,9 @@ def _divergence_sum(
         rows = beta * _kl_rows(lt, log_m) + (1.0 - beta) * _kl_rows(ls, log_m)
     return rows.sum()
 
+
+#: the logit that stands for "not in the teacher's top k" in the dense form
+_TOP_K_FILL = -1e4
 
 #: bytes of fp32 work buffer per block of logit rows: small blocks stay in the allocator's
 #: reused memory and in cache (a fresh buffer of many MB costs page faults on every pass)
@@ -630,7 +678,9 @@ def _grad_buffer(like: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tenso
     return grad
 
 
-def _scaled_by(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
+def _scaled_by(
+    ctx: Any, grad_output: torch.Tensor, grad: torch.Tensor | None = None
+) -> torch.Tensor:
     """The saved gradient times ``grad_output``, in place: the buffer serves one backward.
     The multiplication is skipped when the factor is exactly 1 on the CPU (a check there
     costs no device synchronisation); a second backward through the same graph is refused."""
@@ -640,51 +690,158 @@ def _scaled_by(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
             "modified by an inplace operation; compute the loss again for a second backward"
         )
     ctx.makd_used = True
-    (grad,) = ctx.saved_tensors
+    if grad is None:
+        (grad,) = ctx.saved_tensors
     if grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0:
         return grad
     return grad.mul_(grad_output.to(grad.dtype))
 
 
-class _FusedKL(torch.autograd.Function):
-    """Forward or reverse KL over ``(N, V)`` logits, block by block over the valid rows, with
-    the gradient of the student's logits computed in the same pass into one buffer (no
-    recomputation, no per-block full-size gradients): ``d/dz_S`` of ``τ²·KL(p_T‖p_S)/n`` is
-    ``τ·(p_S − p_T)/n``, and of ``τ²·KL(p_S‖p_T)/n`` it is
-    ``τ·p_S ⊙ (log p_S − log p_T − KL_row)/n``. The teacher gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, runs, block, temperature, reverse, denominator):  # type: ignore[override]
-        grad = _grad_buffer(student, runs)
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
-        scale = temperature / denominator
-        for a, b in _blocks(runs, block):
-            s, t = student[a:b].float(), teacher[a:b].float()
-            if temperature != 1.0:
-                s, t = s / temperature, t / temperature
-            ls = F.log_softmax(s, dim=-1).clamp_min_(MASK_VALUE)
-            lt = F.log_softmax(t, dim=-1).clamp_min_(MASK_VALUE)
-            out = grad[a:b]  # contiguous rows of the buffer: written in place, not copied
-            if reverse:
-                diff = ls - lt
-                ps = ls.exp_()
-                kl = (ps * diff).sum(-1)
+def _kd_blocks(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    indices: torch.Tensor | None,
+    runs: list[tuple[int, int]],
+    block: int,
+    temperature: float,
+    reverse: bool,
+    grad: torch.Tensor | None,
+    scale: float | torch.Tensor,
+    ce: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ over the valid rows of the KL between ``(N, V)`` logits, block by block (rows read
+    as slices); with ``grad``, its gradient ``scale·(p_S − p_T)`` (forward) or
+    ``scale·p_S ⊙ (log p_S − log p_T − KL_row)`` (reverse) is written into the valid rows.
+    With ``indices`` the teacher is its top-k logits ``(N, k)``, renormalised over them (the
+    forward KL only). With ``ce`` = (targets, CE-valid) per row, at τ 1, also
+    Σ −log p_S[target] over the CE-valid rows among them (read off the same log-softmax).
+    Returns both sums."""
+    total = torch.zeros((), dtype=torch.float32, device=student.device)
+    nll = torch.zeros((), dtype=torch.float32, device=student.device)
+    for a, b in _blocks(runs, block):
+        s, t = student[a:b].float(), teacher[a:b].float()
+        if temperature != 1.0:
+            s, t = s / temperature, t / temperature
+        ls = F.log_softmax(s, dim=-1)
+        if ce is not None:
+            picked = ls.gather(1, ce[0][a:b, None].long())[:, 0]
+            nll -= torch.where(ce[1][a:b], picked, 0.0).sum()
+        ls = ls.clamp_min_(MASK_VALUE)
+        lt = F.log_softmax(t, dim=-1).clamp_min_(MASK_VALUE)
+        out = None if grad is None else grad[a:b]  # written in place, never copied
+        if indices is not None:
+            pt = lt.exp()
+            idx = indices[a:b].long()
+            total += (pt * (lt - ls.gather(1, idx))).sum()
+            if out is not None:
+                torch.exp(ls, out=out)
+                out.scatter_add_(1, idx, pt.neg_())
+                out.mul_(scale)
+        elif reverse:
+            diff = ls - lt
+            ps = ls.exp_()
+            kl = (ps * diff).sum(-1)
+            total += kl.sum()
+            if out is not None:
                 diff.sub_(kl[:, None]).mul_(ps)
                 torch.mul(diff, scale, out=out)
-            else:
-                pt = lt.exp()
+        else:
+            pt = lt.exp()
+            if out is not None:
                 torch.exp(ls, out=out)
-                kl = lt.sub_(ls).mul_(pt).sum(-1)
+            total += lt.sub_(ls).mul_(pt).sum()
+            if out is not None:
                 out.sub_(pt).mul_(scale)
-            total += kl.sum()
-        ctx.save_for_backward(grad)
-        return total * (temperature**2) / denominator
+    return total, nll
+
+
+class _FusedLogitLosses(torch.autograd.Function):
+    """The KD divergence over ``(N, V)`` logits (dense or top-k teacher) and, optionally,
+    the student's CE on the same rows' targets, in one blocked pass: the student's gradient
+    is written into one buffer during the forward (no recomputation, no per-block
+    full-size gradients), ``d/dz_S`` of ``τ²·KL/n`` being ``τ·(p_S − p_T)/n`` (forward) or
+    ``τ·p_S ⊙ (log p_S − log p_T − KL_row)/n`` (reverse). At τ 1 the CE is read off the KD
+    pass's log-softmax (rows the KD does not cover, or any τ ≠ 1, get their own); its
+    gradient ``(softmax(z) − onehot(y))/n`` is added into the same buffer in the backward,
+    and only when the CE is used, so the two terms' gradients are never two full-size
+    tensors summed by autograd. Outputs: the KD value and the CE value (0 without CE). The
+    teacher gets no gradient."""
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        # scaled in place: the buffer is not needed after this backward (a second backward
-        # with retain_graph fails loudly)
-        return _scaled_by(ctx, grad_output), None, None, None, None, None, None
+    def forward(  # type: ignore[override]
+        ctx, student, teacher, indices, runs, block, temperature, reverse, denominator, ce
+    ):
+        ctx.set_materialize_grads(False)
+        grad = _grad_buffer(student, runs)
+        ride = None if ce is None or temperature != 1.0 else (ce[0], ce[3])
+        total, nll = _kd_blocks(
+            student,
+            teacher,
+            indices,
+            runs,
+            block,
+            temperature,
+            reverse,
+            grad,
+            temperature / denominator,
+            ride,
+        )
+        kd = total * (temperature**2) / denominator
+        ctx.ce = ce
+        if ce is None:
+            ctx.save_for_backward(grad)
+            return kd, torch.zeros((), dtype=torch.float32, device=student.device)
+        targets, ce_runs, ce_denominator, _ = ce
+        rest = _subtract(ce_runs, runs) if ride is not None else ce_runs
+        nll = nll + _ce_blocks(student, targets, rest, block, 1.0, None)
+        ctx.save_for_backward(grad, student, targets)
+        return kd, nll / ce_denominator
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):  # type: ignore[override]
+        saved = ctx.saved_tensors  # read once: the buffer is then modified in place
+        if grad_kd is None:  # only the CE output was used
+            if getattr(ctx, "makd_used", False):
+                _scaled_by(ctx, saved[0], saved[0])  # refuses the second backward
+            grad = saved[0].zero_()
+            ctx.makd_used = True
+        else:
+            grad = _scaled_by(ctx, grad_kd, saved[0])
+        if ctx.ce is not None and grad_ce is not None:
+            _, student, targets = saved
+            _, ce_runs, ce_denominator, _ = ctx.ce
+            factor = grad_ce.to(torch.float32) / ce_denominator
+            for a, b in _blocks(ce_runs, _block_rows(student.shape[-1], None)):
+                out = grad[a:b]
+                out.add_(F.softmax(student[a:b].float(), dim=-1).mul_(factor))
+                y = targets[a:b].long()[:, None]
+                out.scatter_add_(1, y, (-factor).expand(y.shape).to(out.dtype))
+        return grad, None, None, None, None, None, None, None, None
+
+
+def _subtract(runs: list[tuple[int, int]], cover: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``runs`` outside ``cover`` (both sorted, disjoint intervals)."""
+    out = []
+    for a, b in runs:
+        pos = a
+        for c, d in cover:
+            if d <= pos or c >= b:
+                continue
+            if c > pos:
+                out.append((pos, c))
+            pos = max(pos, d)
+        if pos < b:
+            out.append((pos, b))
+    return out
+
+
+def _check_top_k(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> None:
+    if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"teacher_indices must be integer token ids, got {indices.dtype}")
+    if values.requires_grad:
+        raise ValueError("top-k teacher logits must not require gradients")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab):
+        raise ValueError(f"teacher_indices must lie in [0, {vocab}) (the student's vocabulary)")
 
 
 def _ce_blocks(
@@ -737,6 +894,56 @@ def _chunk_divergence(
     return fn(student, teacher)
 
 
+def _kd_inputs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_indices: torch.Tensor | None,
+    temperature: float,
+    kind: str,
+    beta: float,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check :func:`kd_divergence`'s arguments; a top-k teacher for the reverse KL or JSD
+    comes back in its dense form."""
+    if teacher_indices is not None:
+        if tuple(teacher_indices.shape) != tuple(teacher_logits.shape):
+            raise ValueError(
+                f"teacher_indices {tuple(teacher_indices.shape)} and teacher_logits "
+                f"{tuple(teacher_logits.shape)} must have the same shape"
+            )
+        if tuple(teacher_logits.shape[:-1]) != tuple(student_logits.shape[:-1]):
+            raise ValueError(
+                f"top-k teacher_logits {tuple(teacher_logits.shape)} must match the student's "
+                f"{tuple(student_logits.shape)} in all but the last dimension"
+            )
+        if not 0 < teacher_logits.shape[-1] <= student_logits.shape[-1]:
+            raise ValueError(
+                f"top-k teacher_logits keep k={teacher_logits.shape[-1]} entries; k must be in "
+                f"[1, {student_logits.shape[-1]}] (the student's vocabulary)"
+            )
+        if kind != "forward":  # the dense form: every other logit very large and negative
+            full = teacher_logits.new_full(student_logits.shape, _TOP_K_FILL)
+            teacher_logits = full.scatter_(-1, teacher_indices.long(), teacher_logits)
+            teacher_indices = None
+    if teacher_indices is None and student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
+    if student_logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be (B, C) or (B, T, V), got {tuple(student_logits.shape)}")
+    _check_positive(temperature, "temperature")
+    if kind not in ("forward", "reverse", "jsd"):
+        raise ValueError(f"kind must be 'forward', 'reverse' or 'jsd', got {kind!r}")
+    if kind == "jsd" and not (isinstance(beta, int | float) and 0.0 < beta < 1.0):
+        raise ValueError(f"beta must be in the open interval (0, 1) for kind='jsd', got {beta!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return teacher_logits, teacher_indices
+
+
 @_fp32
 def kd_divergence(
     student_logits: torch.Tensor,
@@ -747,6 +954,7 @@ def kd_divergence(
     beta: float = 0.5,
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    teacher_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Temperature-scaled divergence between teacher and student output distributions.
 
@@ -774,31 +982,52 @@ def kd_divergence(
             (JSD, a teacher with gradients) each chunk is checkpointed. Same value and
             gradients as unblocked (up to float summation order).
 
+        teacher_indices: with a top-k teacher, ``teacher_logits`` holds only its k largest
+            logits per row, ``(..., k)``, and this their distinct token ids, same shape. The
+            teacher's distribution is then its top-k renormalised (probability 0 elsewhere):
+            :math:`p_T = \operatorname{softmax}(v/\tau)` over the k ids. The forward KL
+            reads the k entries only (no row of V for the teacher) and equals the dense
+            computation with every other teacher logit at a very large negative value;
+            the reverse KL and JSD use exactly that dense form.
+
     Returns:
         Scalar fp32: the mean over examples / valid tokens (``0`` when there is none). Logits
         of masked rows are never read (they get exactly zero gradient); ``-inf`` logits are
         allowed (their log-probability is floored at :data:`MASK_VALUE`).
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape"
-        )
-    if student_logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be (B, C) or (B, T, V), got {tuple(student_logits.shape)}")
-    _check_positive(temperature, "temperature")
-    if kind not in ("forward", "reverse", "jsd"):
-        raise ValueError(f"kind must be 'forward', 'reverse' or 'jsd', got {kind!r}")
-    if kind == "jsd" and not (isinstance(beta, int | float) and 0.0 < beta < 1.0):
-        raise ValueError(f"beta must be in the open interval (0, 1) for kind='jsd', got {beta!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    teacher_logits, teacher_indices = _kd_inputs(
+        student_logits, teacher_logits, teacher_indices, temperature, kind, beta, chunk_size
+    )
+    return _kd(
+        student_logits,
+        teacher_logits,
+        teacher_indices,
+        temperature,
+        kind,
+        beta,
+        mask,
+        chunk_size,
+        None,
+    )[0]
 
+
+def _kd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_indices: torch.Tensor | None,
+    temperature: float,
+    kind: str,
+    beta: float,
+    mask: torch.Tensor | None,
+    chunk_size: int | None,
+    ce: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The KD value and, with ``ce`` = (targets, valid) per row, the student's CE on them:
+    from one fused pass when the KD is a KL whose teacher needs no gradient and the student
+    needs one; else the KD as below and the CE by :func:`_cross_entropy_rows`."""
     vocab = student_logits.shape[-1]
     s_rows = student_logits.reshape(-1, vocab)
-    t_rows = teacher_logits.reshape(-1, vocab)
+    t_rows = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     fn = partial(_divergence_sum, temperature=temperature, kind=kind, beta=float(beta))
     valid: torch.Tensor | None = None
     if mask is not None:
@@ -806,6 +1035,11 @@ def kd_divergence(
     runs = _row_runs(valid, s_rows.shape[0])
     n_rows = sum(b - a for a, b in runs)
     denominator = global_count(n_rows, s_rows.device)
+    idx_rows = None
+    if teacher_indices is not None:
+        idx_rows = teacher_indices.reshape(-1, t_rows.shape[-1])
+        _check_top_k(t_rows, idx_rows, vocab)
+    block = _block_rows(vocab, chunk_size)
 
     fused = (
         kind in ("forward", "reverse")
@@ -814,10 +1048,29 @@ def kd_divergence(
         and s_rows.requires_grad
     )
     if fused:  # the usual case: one blocked pass, rows read as slices
-        block = _block_rows(vocab, chunk_size)
-        return _FusedKL.apply(
-            s_rows, t_rows, runs, block, temperature, kind == "reverse", denominator
+        spec = None
+        if ce is not None:
+            targets, ce_valid = ce
+            ce_runs = _row_runs(ce_valid.reshape(-1).to(s_rows.device), s_rows.shape[0])
+            n_ce = global_count(sum(b - a for a, b in ce_runs), s_rows.device)
+            flat_valid = ce_valid.reshape(-1).to(s_rows.device)
+            spec = (targets.reshape(-1).to(s_rows.device), ce_runs, n_ce, flat_valid)
+        kd, ce_value = _FusedLogitLosses.apply(
+            s_rows,
+            t_rows,
+            idx_rows,
+            runs,
+            block,
+            temperature,
+            kind == "reverse",
+            denominator,
+            spec,
         )
+        return kd, (ce_value if ce is not None else None)
+    ce_value = None if ce is None else _cross_entropy_rows(student_logits, *ce)
+    if idx_rows is not None:  # forward KL from a top-k teacher, no gradient needed
+        total, _ = _kd_blocks(s_rows, t_rows, idx_rows, runs, block, temperature, False, None, 1.0)
+        return total * (temperature**2) / denominator, ce_value
     index = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)
     if chunk_size is None or n_rows <= chunk_size:
         if index is None:
@@ -840,7 +1093,54 @@ def kd_divergence(
             else:
                 part = _chunk_divergence(fn, *args)
             total = total + part
-    return total * (temperature**2) / denominator
+    return total * (temperature**2) / denominator, ce_value
+
+
+@_fp32
+def kd_and_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    next_token: bool = False,
+    temperature: float = 1.0,
+    kind: DivergenceKind = "forward",
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    teacher_indices: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kd_divergence(...), CE)`` of the same student logits in one pass over them.
+
+    The CE is :func:`cross_entropy` of ``student_logits`` on ``labels`` (with ``mask``), or
+    with ``next_token`` :func:`next_token_cross_entropy`. When the KD is a forward or
+    reverse KL whose teacher needs no gradient and the student needs one, both come from
+    one blocked pass: the CE reads the KD pass's per-row normaliser (at ``temperature`` 1;
+    one extra reduction per row otherwise), and its gradient is added into the KD's
+    gradient buffer (one full-size gradient, not two summed). Otherwise they are computed
+    one after the other. Same values and gradients as the two functions separately.
+    """
+    if next_token:
+        ce = _next_token_targets(student_logits, labels, mask, ignore_index)
+    else:
+        ce = _ce_targets(student_logits, labels, mask, ignore_index)
+    teacher_logits, teacher_indices = _kd_inputs(
+        student_logits, teacher_logits, teacher_indices, temperature, kind, beta, chunk_size
+    )
+    kd, ce_value = _kd(
+        student_logits,
+        teacher_logits,
+        teacher_indices,
+        temperature,
+        kind,
+        beta,
+        mask,
+        chunk_size,
+        ce,
+    )
+    assert ce_value is not None
+    return kd, ce_value
 
 
 @_fp32
@@ -864,6 +1164,13 @@ def cross_entropy(
         Scalar fp32 mean over valid positions (``0`` when there is none). Invalid rows are
         never read and get exactly zero gradient.
     """
+    return _cross_entropy_rows(logits, *_ce_targets(logits, labels, mask, ignore_index))
+
+
+def _ce_targets(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, valid) of :func:`cross_entropy`: invalid rows' targets set to 0."""
     if logits.dim() not in (2, 3) or tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"logits (B, C) / (B, T, V) and labels (B,) / (B, T) do not match: "
@@ -872,7 +1179,7 @@ def cross_entropy(
     valid = labels != ignore_index
     if mask is not None:
         valid = valid & _as_bool_mask(mask, tuple(labels.shape), "mask").to(labels.device)
-    return _cross_entropy_rows(logits, labels, valid)
+    return labels.masked_fill(~valid, 0), valid
 
 
 def _cross_entropy_rows(
@@ -905,6 +1212,14 @@ def next_token_cross_entropy(
     position has none), and a position counts when ``labels[:, t + 1] != ignore_index`` and,
     with ``mask``, tokens ``t`` and ``t + 1`` are both real. Scalar fp32 mean over them.
     """
+    return _cross_entropy_rows(logits, *_next_token_targets(logits, labels, mask, ignore_index))
+
+
+def _next_token_targets(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, valid) of :func:`next_token_cross_entropy`: position t's target is
+    ``labels[:, t + 1]``; invalid rows' targets set to 0."""
     if logits.dim() != 3 or tuple(labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(
             f"expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} and "
@@ -916,7 +1231,7 @@ def next_token_cross_entropy(
     if mask is not None:
         m = _as_bool_mask(mask, tuple(labels.shape), "mask").to(labels.device)
         valid[:, :-1] &= m[:, :-1] & m[:, 1:]
-    return _cross_entropy_rows(logits, targets.masked_fill(~valid, 0), valid)
+    return targets.masked_fill(~valid, 0), valid
 
 
 def shift_for_causal_lm(

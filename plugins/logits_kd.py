@@ -10,16 +10,54 @@ from makd_registry import Aspect, AspectConfig, Feature, FeatureRequest, hookimp
 from makd_registry.strict import raise_at
 
 
+def _ce_key(logits):
+    """The shared-value key of the student's CE on ``logits`` (see FeatureSet.shared); the
+    value is ``(logits, ce)``, checked by identity when read."""
+    return ("makd", "student_ce", id(logits))
+
+
 def _student_ce(features, logits):
-    """CE of student logits on the batch labels (next-token labels for causal LMs)."""
+    """CE of student logits on the batch labels (next-token labels for causal LMs); the one
+    ``logits_kd`` already computed in its pass over the same logits, when it did."""
     from makd_registry import losses
 
-    if features.labels is None:
-        raise ValueError("this objective needs hard labels, but the batch has none")
-    labels, mask = features.labels, features.attention_mask
-    if logits.dim() == 3 and features.causal:  # targets shifted, the logits never copied
-        return losses.next_token_cross_entropy(logits, labels, _token_mask(logits, mask))
-    return losses.cross_entropy(logits, labels, _token_mask(logits, mask))
+    def compute():
+        if features.labels is None:
+            raise ValueError("this objective needs hard labels, but the batch has none")
+        labels, mask = features.labels, _token_mask(logits, features.attention_mask)
+        if _next_token(features, logits):  # targets shifted, the logits never copied
+            return logits, losses.next_token_cross_entropy(logits, labels, mask)
+        return logits, losses.cross_entropy(logits, labels, mask)
+
+    seen, ce = features.shared(_ce_key(logits), compute)
+    return ce if seen is logits else compute()[1]
+
+
+def _next_token(features, logits):
+    return logits.dim() == 3 and features.causal
+
+
+def _ce_from_the_same_pass(features, logits, config):
+    """Whether ``logits_kd`` also computes the student's CE: always for ``alpha`` > 0; else
+    when it is nearly free, so that a ``ce`` term on the same logits reads it instead of
+    making a second pass (the fused KL at τ 1: the CE value is a gather, and its gradient
+    costs nothing unless the CE is used)."""
+    labels = features.labels
+    if labels is None:
+        return False
+    want = logits.shape[:2] if _next_token(features, logits) else logits.shape[:-1]
+    if tuple(labels.shape) != tuple(want):
+        return False
+    if config.alpha > 0:
+        return True
+    import torch
+
+    return (
+        config.temperature == 1.0
+        and config.divergence != "jsd"
+        and torch.is_grad_enabled()
+        and logits.requires_grad
+    )
 
 
 def _token_mask(logits, mask):
@@ -71,21 +109,31 @@ class LogitsKD(Aspect):
         ]
 
     def loss(self, features):
-        from makd_registry.losses import kd_divergence
+        from makd_registry.losses import kd_and_cross_entropy, kd_divergence
 
         c = self.config
         z_s = features.student(Feature.LOGITS)
-        z_t = features.teacher(Feature.LOGITS)
+        top_k = features.teacher_top_k(Feature.LOGITS)  # from a top-k teacher cache
+        if top_k is not None:
+            z_t, ids = top_k.values, top_k.indices
+        else:
+            z_t, ids = features.teacher(Feature.LOGITS), None
         mask = _token_mask(z_s, features.attention_mask)
-        kd = kd_divergence(
-            z_s,
-            z_t,
-            temperature=c.temperature,
-            kind=c.divergence,
-            beta=c.beta,
-            mask=mask,
-            chunk_size=c.chunk_size,
-        )
+        options = {
+            "temperature": c.temperature,
+            "kind": c.divergence,
+            "beta": c.beta,
+            "mask": mask,
+            "chunk_size": c.chunk_size,
+            "teacher_indices": ids,
+        }
+        if not _ce_from_the_same_pass(features, z_s, c):
+            kd = kd_divergence(z_s, z_t, **options)
+        else:  # the student's CE from the same pass over the logits, for alpha and for `ce`
+            kd, ce = kd_and_cross_entropy(
+                z_s, z_t, features.labels, next_token=_next_token(features, z_s), **options
+            )
+            features.offer(_ce_key(z_s), (z_s, ce))
         if c.alpha == 0:
             return kd
         return (1 - c.alpha) * kd + c.alpha * _student_ce(features, z_s)

@@ -284,3 +284,56 @@ def test_aspect_options_are_validated_with_locations(text, path, message):
     (diag,) = diagnostics(f"objective: {text}", REGISTRY)
     assert diag.path == path
     assert message in diag.message
+
+
+@pytest.mark.parametrize("order", ["kd-first", "ce-first"])
+@pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 0.0), (2.0, 0.25)])
+def test_logits_kd_and_ce_share_one_pass_over_the_logits(monkeypatch, order, temperature, alpha):
+    """`ce` after `logits_kd` reads the CE of logits_kd's pass (no second pass over the
+    logits); the summed loss and its gradient equal the two computed separately."""
+    import torch
+    from makd_plugins.logits_kd import CrossEntropy, LogitsKD
+
+    from makd_registry import Feature, FeatureSet, losses
+
+    gen = torch.Generator().manual_seed(0)
+    z_t = torch.randn(2, 6, 30, generator=gen)
+    labels = torch.randint(0, 30, (2, 6), generator=gen)
+    mask = torch.ones(2, 6)
+    mask[1, 4:] = 0
+    start = torch.randn(2, 6, 30, generator=gen)
+
+    def features(z_s):
+        return FeatureSet(
+            teacher_features={(Feature.LOGITS, None): z_t},
+            student_features={(Feature.LOGITS, None): z_s},
+            attention_mask=mask,
+            labels=labels,
+            causal=True,
+        )
+
+    ref_s = start.clone().requires_grad_(True)
+    kd = losses.kd_divergence(ref_s, z_t, temperature=temperature, mask=mask)
+    ce = losses.next_token_cross_entropy(ref_s, labels, mask)
+    want = (1 - alpha) * kd + alpha * ce + ce
+    want.backward()
+
+    kd_aspect = LogitsKD(LogitsKD.Config(type="logits_kd", temperature=temperature, alpha=alpha))
+    ce_aspect = CrossEntropy(CrossEntropy.Config(type="ce"))
+    calls = {"n": 0}
+    real = losses.next_token_cross_entropy
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "next_token_cross_entropy", counted)
+    z_s = start.clone().requires_grad_(True)
+    fs = features(z_s)
+    aspects = [kd_aspect, ce_aspect] if order == "kd-first" else [ce_aspect, kd_aspect]
+    got = sum(a.loss(fs) for a in aspects)
+    got.backward()
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z_s.grad, ref_s.grad, rtol=1e-5, atol=1e-7)
+    fused = order == "kd-first" and (temperature == 1.0 or alpha > 0)
+    assert calls["n"] == (0 if fused else 1)

@@ -158,3 +158,200 @@ def test_a_second_backward_through_a_fused_kernel_is_refused():
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="already used by a backward"):
         out.backward()
+
+
+# -- a top-k teacher (the teacher cache's top_k) --------------------------------------------
+
+
+def _reference_top_k_kd(s, values, ids, valid, tau):
+    """Forward KL from the teacher's top-k renormalised, by plain autograd."""
+    ls = F.log_softmax(s[valid] / tau, -1)
+    lt = F.log_softmax(values[valid] / tau, -1)
+    rows = (lt.exp() * (lt - ls.gather(-1, ids[valid]))).sum(-1)
+    return rows.sum() * tau**2 / max(int(valid.sum()), 1)
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_top_k_kd_matches_autograd_for_every_mask(blocks, mask, tau):
+    valid = MASKS[mask](3, 7)
+    s = _poison(_logits(3, 7, 23, 0), valid).requires_grad_(True)
+    values, ids = _logits(3, 7, 23, 1).topk(5, dim=-1)
+    got = kd_divergence(s, values, teacher_indices=ids, temperature=tau, mask=valid)
+    got.backward()
+    ref_s = s.detach().clone().requires_grad_(True)
+    want = _reference_top_k_kd(ref_s, values, ids, valid, tau)
+    if valid.any():
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            s.grad, torch.nan_to_num(ref_s.grad, nan=0.0), rtol=1e-5, atol=1e-7
+        )
+    else:
+        assert float(got.detach()) == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
+    with torch.no_grad():  # the no-grad path gives the same value
+        again = kd_divergence(s, values, teacher_indices=ids, temperature=tau, mask=valid)
+    torch.testing.assert_close(again, got.detach())
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_top_k_kd_with_k_equal_to_the_vocabulary_is_full_kd(tau):
+    valid = MASKS["scattered"](3, 7)
+    t = _logits(3, 7, 19, 1)
+    values, ids = t.topk(19, dim=-1)
+    grads = []
+    for kwargs in ({"teacher_indices": ids}, {}):
+        s = _logits(3, 7, 19, 0).requires_grad_(True)
+        teacher = values if kwargs else t
+        loss = kd_divergence(s, teacher, temperature=tau, mask=valid, **kwargs)
+        loss.backward()
+        grads.append((loss.detach(), s.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["reverse", "jsd"])
+def test_top_k_reverse_and_jsd_use_the_dense_form(kind):
+    t = _logits(2, 5, 17, 1)
+    values, ids = t.topk(4, dim=-1)
+    dense = torch.full_like(t, -1e4).scatter_(-1, ids, values)
+    s = _logits(2, 5, 17, 0)
+    got = kd_divergence(s, values, teacher_indices=ids, kind=kind)
+    torch.testing.assert_close(got, kd_divergence(s, dense, kind=kind))
+
+
+def test_top_k_kd_reads_only_k_teacher_entries_per_row():
+    """No teacher row of V: the only full-width passes are the student's."""
+    s = _logits(2, 32, 4001, 0).requires_grad_(True)
+    values, ids = _logits(2, 32, 4001, 1).topk(16, dim=-1)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        kd_divergence(s, values, teacher_indices=ids).backward()
+    wide = [
+        e.key
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key == "aten::_log_softmax" and any(4001 in shape for shape in e.input_shapes if shape)
+    ]
+    assert len(wide) == 1  # the student's log-softmax, one entry per input shape
+    assert not {e.key for e in prof.key_averages()} & {"aten::full", "aten::index_select"}
+
+
+@pytest.mark.parametrize(
+    ("values", "ids", "match"),
+    [
+        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 5, dtype=torch.long), "same shape"),
+        (torch.zeros(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long), "all but the last"),
+        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), "integer token ids"),
+        (torch.zeros(2, 3, 4), torch.full((2, 3, 4), 9), r"lie in \[0, 9\)"),
+        (torch.zeros(2, 3, 10), torch.zeros(2, 3, 10, dtype=torch.long), "k must be in"),
+    ],
+)
+def test_top_k_kd_refuses_inconsistent_inputs(values, ids, match):
+    with pytest.raises(ValueError, match=match):
+        kd_divergence(torch.zeros(2, 3, 9), values, teacher_indices=ids)
+
+
+# -- KD and CE in one pass -----------------------------------------------------------------
+
+
+def _separate(s, t, labels, valid, tau, kind, next_token, ids=None):
+    kd = kd_divergence(s, t, temperature=tau, kind=kind, mask=valid, teacher_indices=ids)
+    ce_fn = next_token_cross_entropy if next_token else cross_entropy
+    return kd, ce_fn(s, labels, valid)
+
+
+@pytest.mark.parametrize("mask", ["all", "prefix", "scattered", "none-valid"])
+@pytest.mark.parametrize(("tau", "kind"), [(1.0, "forward"), (2.0, "forward"), (1.0, "reverse")])
+@pytest.mark.parametrize("next_token", [True, False])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.3, 2.0), (1.0, None), (None, 1.0)])
+def test_kd_and_ce_in_one_pass_equal_the_two_separately(
+    blocks, mask, tau, kind, next_token, weights
+):
+    """Values and gradients, for any weighting of the two outputs (None: output unused)."""
+    valid = MASKS[mask](3, 7)
+    t = _logits(3, 7, 13, 1)
+    labels = torch.randint(0, 13, (3, 7), generator=torch.Generator().manual_seed(2))
+    results = []
+    for joint in (True, False):
+        s = _logits(3, 7, 13, 0).requires_grad_(True)
+        if joint:
+            kd, ce = losses.kd_and_cross_entropy(
+                s, t, labels, next_token=next_token, temperature=tau, kind=kind, mask=valid
+            )
+        else:
+            kd, ce = _separate(s, t, labels, valid, tau, kind, next_token)
+        loss = sum(w * x for w, x in zip(weights, (kd, ce), strict=True) if w is not None)
+        loss.backward()
+        results.append((kd.detach(), ce.detach(), s.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    if valid.any():
+        assert results[0][2].abs().max() > 0
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_kd_and_ce_in_one_pass_with_a_top_k_teacher(blocks, tau):
+    valid = MASKS["prefix"](3, 7)
+    values, ids = _logits(3, 7, 29, 1).topk(6, dim=-1)
+    labels = torch.randint(0, 29, (3, 7), generator=torch.Generator().manual_seed(2))
+    results = []
+    for joint in (True, False):
+        s = _logits(3, 7, 29, 0).requires_grad_(True)
+        if joint:
+            kd, ce = losses.kd_and_cross_entropy(
+                s,
+                values,
+                labels,
+                next_token=True,
+                temperature=tau,
+                mask=valid,
+                teacher_indices=ids,
+            )
+        else:
+            kd, ce = _separate(s, values, labels, valid, tau, "forward", True, ids)
+        (kd + 0.5 * ce).backward()
+        results.append((kd.detach(), ce.detach(), s.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_kd_and_ce_keep_one_full_size_buffer_and_no_second_log_softmax():
+    s = _logits(2, 16, 3001, 0).requires_grad_(True)
+    t = _logits(2, 16, 3001, 1)
+    labels = torch.randint(0, 3001, (2, 16))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda x: saved.append(tuple(x.shape)) or x, lambda x: x
+    ):
+        kd, ce = losses.kd_and_cross_entropy(s, t, labels, next_token=True)
+    full = [shape for shape in saved if shape == (32, 3001)]
+    assert len(full) == 2  # the gradient buffer and the student's logits (no copy of either)
+    assert len(saved) == 3  # and the targets
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        kd, ce = losses.kd_and_cross_entropy(s, t, labels, next_token=True)
+        (kd + ce).backward()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    wide_adds = [
+        e.key
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key == "aten::add" and any(shape and shape[-1] == 3001 for shape in e.input_shapes)
+    ]
+    # one log-softmax each for the student and the teacher (one block each); the CE's
+    # softmax in backward, once per run of its rows (each sequence but its last position)
+    assert counts.get("aten::_log_softmax", 0) == 2 and counts.get("aten::_softmax", 0) == 2
+    assert not wide_adds  # autograd never sums two full-size gradients
+
+
+def test_kd_and_ce_refuse_a_second_backward_and_bad_labels():
+    s = _logits(2, 5, 11, 0).requires_grad_(True)
+    t = _logits(2, 5, 11, 1)
+    kd, ce = losses.kd_and_cross_entropy(s, t, torch.zeros(2, 5, dtype=torch.long), next_token=True)
+    (kd + ce).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already used by a backward|modified by an inplace"):
+        (kd + ce).backward()
+    with pytest.raises(ValueError, match="labels"):
+        losses.kd_and_cross_entropy(s, t, torch.zeros(2, 4, dtype=torch.long), next_token=True)

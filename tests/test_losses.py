@@ -469,6 +469,25 @@ def test_attention_kl_from_scores_equals_attention_kl_in_value_and_gradient(
         assert b.abs().max() > 1e-4  # the comparison is not between zeros
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_attention_kl_from_scores_in_many_small_blocks_equals_one_block(
+    monkeypatch, direction, masked
+):
+    """Blocks that split the (B·H·T, T) rows mid-head give the same value and gradient."""
+    mask = MASK if masked else None
+    lp_t = attention_log_probs(Q_T, K_T, attention_mask=mask)
+    results = []
+    for block_bytes in (L._BLOCK_BYTES, 4 * Q_T.shape[2] * 3):  # 3 rows per block
+        monkeypatch.setattr(L, "_BLOCK_BYTES", block_bytes)
+        scores = L.attention_scores(Q_S, K_S, attention_mask=mask).requires_grad_(True)
+        out = L.attention_kl_from_scores(lp_t, scores, mask, direction=direction)
+        results.append((out.detach(), torch.autograd.grad(out, scores)[0]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-9)
+    assert results[1][1].abs().max() > 0
+
+
 def test_attention_kl_from_scores_keeps_only_the_gradient_and_takes_minus_inf_masks():
     lp_t = attention_log_probs(Q_T, K_T, attention_mask=MASK)
     key_pad = (MASK == 0)[:, None, None, :].expand_as(lp_t)
@@ -1065,3 +1084,28 @@ def test_kd_divergence_fused_path_refuses_a_second_backward():
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()  # loud, never a silently doubled gradient
+
+
+@pytest.mark.parametrize("masked", ["none", "some", "all-padding"])
+def test_hidden_mse_fused_gradient_equals_autograds(masked):
+    """The fused path (student needs a gradient) against plain autograd on the same
+    formula; masked tokens may hold nan and still get exactly zero gradient."""
+    gen = torch.Generator().manual_seed(0)
+    s0 = torch.randn(3, 5, 4, generator=gen)
+    t = torch.randn(3, 5, 4, generator=gen)
+    mask = {"none": None, "some": torch.tensor([[1] * 5, [1, 1, 1, 0, 0], [1] * 5])}.get(
+        masked, torch.zeros(3, 5)
+    )
+    if mask is not None:
+        s0[mask == 0] = float("nan")
+    s = s0.clone().requires_grad_(True)
+    got = hidden_mse(s, t, mask)
+    (g,) = torch.autograd.grad(got * 3.0, s)
+    ref_s = s0.clone().requires_grad_(True)
+    m = torch.ones(3, 5, dtype=torch.bool) if mask is None else mask.bool()
+    diff = torch.where(m[..., None], ref_s, 0.0) - torch.where(m[..., None], t, 0.0)
+    want = diff.square().sum() / max(int(m.sum()) * 4, 1)
+    (g_ref,) = torch.autograd.grad(want * 3.0, ref_s)
+    torch.testing.assert_close(got.detach(), want.detach())
+    torch.testing.assert_close(g, torch.nan_to_num(g_ref, nan=0.0))
+    assert torch.isfinite(g).all()

@@ -13,7 +13,7 @@ from makd_registry.capture import CapturePlan
 from makd_registry.capture.extractor import FeatureExtractor
 from makd_registry.engine.run import Run, RunOptions
 from makd_registry.engine.teacher_cache import TeacherCache
-from makd_registry.features import Feature, FeatureRequest
+from makd_registry.features import Feature, FeatureRequest, FeatureSet, TopKLogits
 
 TERMS = """\
   type: sum
@@ -114,14 +114,54 @@ def test_store_then_assemble_gives_back_the_features_without_padding(tmp_path, l
 
 def test_top_k_keeps_the_largest_teacher_logits(tmp_path):
     gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(1, 3, 20, generator=gen)
+    logits = torch.randn(2, 4, 20, generator=gen)
     plan = CapturePlan.from_requests([FeatureRequest("teacher", Feature.LOGITS)])
-    cache = TeacherCache(tmp_path / "c.safetensors", 1, top_k=5, logits="token")
-    cache.store([0], [3], {(Feature.LOGITS, None): logits}, {})
-    (got, _) = cache.assemble([0], 3, plan, torch.device("cpu"), torch.float32, 20)
-    full = got[(Feature.LOGITS, None)][0]
-    top = logits[0].topk(5, dim=-1)
-    for row in range(3):
-        kept = full[row] > -1e4
-        assert kept.sum() == 5
-        assert set(kept.nonzero().squeeze(1).tolist()) == set(top.indices[row].tolist())
+    cache = TeacherCache(tmp_path / "c.safetensors", 2, top_k=5, logits="token")
+    cache.store([0, 1], [3, 4], {(Feature.LOGITS, None): logits}, {})
+    (got, _) = cache.assemble([1, 0], 4, plan, torch.device("cpu"), torch.float32, 20)
+    top = got[(Feature.LOGITS, None)]
+    assert isinstance(top, TopKLogits) and top.shape == (2, 4, 20)
+    assert top.values.shape == (2, 4, 5) and top.vocab == 20  # never the (B, T, V) table
+    for out_row, row, n in ((0, 1, 4), (1, 0, 3)):
+        want = logits[row, :n].topk(5, dim=-1)
+        torch.testing.assert_close(top.values[out_row, :n], want.values.half().float())
+        assert torch.equal(top.indices[out_row, :n], want.indices)
+        assert (top.values[out_row, n:] == 0).all()  # padded rows
+    dense = FeatureSet(teacher_features=got).teacher(Feature.LOGITS)
+    kept = dense[1, :3] > -1e4
+    assert (kept.sum(-1) == 5).all()
+    assert torch.equal(
+        kept.nonzero()[:, 1].reshape(3, 5).sort(-1).values,
+        logits[0, :3].topk(5, -1).indices.sort(-1).values,
+    )
+
+
+def test_logits_kd_from_a_top_k_cache_equals_kd_from_its_dense_form():
+    """The sparse path (k entries read) gives the loss and gradients that the dense form,
+    every other teacher logit at -1e4, gives through the same aspect."""
+    from makd_plugins.logits_kd import LogitsKD
+
+    gen = torch.Generator().manual_seed(3)
+    z_t = torch.randn(2, 6, 40, generator=gen)
+    values, ids = z_t.topk(8, dim=-1)
+    mask = torch.ones(2, 6)
+    mask[1, 4:] = 0
+    top = TopKLogits(values, ids, 40)
+    for config in ({"temperature": 2.0}, {"temperature": 1.0, "alpha": 0.3}):
+        aspect = LogitsKD(LogitsKD.Config(type="logits_kd", **config))
+        grads = []
+        for teacher in (top, top.dense()):
+            z_s = torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(4))
+            z_s.requires_grad_(True)
+            features = FeatureSet(
+                teacher_features={(Feature.LOGITS, None): teacher},
+                student_features={(Feature.LOGITS, None): z_s},
+                attention_mask=mask,
+                labels=torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(5)),
+                causal=True,
+            )
+            loss = aspect.loss(features)
+            loss.backward()
+            grads.append((loss.detach(), z_s.grad))
+        torch.testing.assert_close(grads[0][0], grads[1][0])
+        torch.testing.assert_close(grads[0][1], grads[1][1])

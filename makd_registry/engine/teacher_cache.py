@@ -7,9 +7,11 @@ every example has been seen, the store is written to one safetensors file in the
 directory and memory-mapped; from then on a batch's teacher features are assembled from it
 (padded to the batch's length) instead of running the teacher.
 
-For language models ``top_k`` keeps only the k largest teacher logits per token; the others
-are restored as a large negative value, so the teacher distribution becomes its top-k
-renormalised (an approximation, off by default).
+For language models ``top_k`` keeps only the k largest teacher logits per token, handed to
+the aspects as :class:`~makd_registry.features.TopKLogits`: the teacher distribution becomes
+its top-k renormalised (an approximation, off by default). ``logits_kd``'s forward KL reads
+the k entries directly; an aspect that asks for the dense logits gets them with every other
+entry at a large negative value.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from typing import Any
 
 import torch
 
-from ..features import Feature
+from ..features import Feature, TopKLogits
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-_LOW = -1e4  # logits outside the kept top-k
+_LOW = -1e4  # QA span logits at padded positions
 
 
 def _trim(feature: Feature, x: torch.Tensor, length: int, logits: str) -> torch.Tensor:
@@ -142,16 +144,36 @@ class TeacherCache:
         wanted = [("f", f, layer) for f, layer in plan.teacher.features]
         wanted += [("i", f, layer) for f, layer in plan.teacher.module_inputs]
         for table, feature, layer in wanted:
-            rows = []
-            for index in indices:
-                name = self._name(index, table, feature, layer)
-                if self.top_k and feature is Feature.LOGITS and self.logits == "token":
-                    values = self.reader.get_tensor(name + "/v").to(compute_dtype)
-                    idx = self.reader.get_tensor(name + "/k").long()
-                    full = torch.full((values.shape[0], vocab or 0), _LOW, dtype=compute_dtype)
-                    x = full.scatter_(1, idx, values)
-                else:
-                    x = self.reader.get_tensor(name).to(compute_dtype)
-                rows.append(_pad(feature, x, length, self.logits))
-            (out[0] if table == "f" else out[1])[(feature, layer)] = torch.stack(rows).to(device)
+            if self.top_k and feature is Feature.LOGITS and self.logits == "token":
+                value: Any = self._top_k_logits(indices, table, layer, length, vocab, device)
+            else:
+                rows = []
+                for index in indices:
+                    x = self.reader.get_tensor(self._name(index, table, feature, layer))
+                    rows.append(_pad(feature, x.to(compute_dtype), length, self.logits))
+                value = torch.stack(rows).to(device)
+            (out[0] if table == "f" else out[1])[(feature, layer)] = value
         return out
+
+    def _top_k_logits(
+        self,
+        indices: list[int],
+        table: str,
+        layer: Any,
+        length: int,
+        vocab: int | None,
+        device: torch.device,
+    ) -> TopKLogits:
+        """The batch's cached top-k logits, (B, T, k) values (fp32) and ids, padded rows
+        holding zeros; never the (B, T, V) dense table."""
+        if vocab is None:
+            raise ValueError("a top-k teacher cache needs the teacher's vocab_size")
+        k = self.top_k or 0
+        values = torch.zeros(len(indices), length, k, dtype=torch.float32)
+        ids = torch.zeros(len(indices), length, k, dtype=torch.long)
+        for row, index in enumerate(indices):
+            name = self._name(index, table, Feature.LOGITS, layer)
+            v = self.reader.get_tensor(name + "/v")
+            values[row, : v.shape[0]] = v
+            ids[row, : v.shape[0]] = self.reader.get_tensor(name + "/k")
+        return TopKLogits(values.to(device), ids.to(device), vocab)
