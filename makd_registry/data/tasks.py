@@ -36,7 +36,9 @@ class TaskData:
     """Tokenised training and evaluation sets of one task."""
 
     task: str
-    train: Any = None  # datasets.Dataset with MODEL_COLUMNS
+    #: rows with MODEL_COLUMNS: a datasets.Dataset here; the trainer reads it only by
+    #: ``len`` and ``train[i]`` (a row dict), so a list of row dicts serves as well
+    train: Any = None
     validation: Any = None
     #: evaluation-only columns kept per validation row (QA offsets, references)
     validation_raw: Any = None

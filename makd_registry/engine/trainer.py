@@ -178,8 +178,8 @@ class Trainer:
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next optimisation step."""
         for mine in self._micro_indices():
-            rows = self.data.train.select(mine)
-            batch = {k: v.to(self.device) for k, v in collate(list(rows), self.pad_id).items()}
+            rows = [self.data.train[i] for i in mine]  # a datasets.Dataset or a list of rows
+            batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
             batch["index"] = torch.tensor(mine)
             yield batch
 
