@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pluggy
 
-from .aspect import Aspect, AspectConfig, AspectNode, LayerwiseConfig
+from .aspect import Aspect, AspectConfig, AspectNode, ChildNode, LayerwiseConfig
 from .errors import Diagnostic, ExitCode, MakdError, ObjectiveError, PluginError
 from .features import Feature, FeatureRequest, FeatureSet, ModelInfo, TopKLogits
 from .mapping import LayerMapping, LayerPair
@@ -26,6 +26,7 @@ __all__ = [
     "Aspect",
     "AspectConfig",
     "AspectNode",
+    "ChildNode",
     "Diagnostic",
     "ExitCode",
     "Feature",

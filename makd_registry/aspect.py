@@ -11,8 +11,20 @@ An *aspect* is one term of a distillation objective. It is a class with
   maps) that the engine optimises and checkpoints with the student.
 
 The engine builds one instance per node of the objective tree, with the node's validated
-config and its resolved ``(student_layer, teacher_layer)`` pairs. Combinators (``sum``,
-``stages``) are aspects too: they hold child aspects and combine their losses.
+config and its resolved ``(student_layer, teacher_layer)`` pairs. Combinators are aspects
+too (``is_combinator = True``): they hold child aspects and combine their losses. The tree
+protocol below is all that the resolver, the trainer and ``makd explain`` know of them, so a
+third-party combinator works like a built-in one:
+
+* :meth:`Aspect.child_nodes` — which child configs a node's config declares, where they sit
+  in the file, and whether they inherit the enclosing layer mapping;
+* ``root_only`` — the combinator may only be the objective's root;
+* :meth:`Aspect.stage_nodes` / :meth:`Aspect.active_stage` — the sub-objectives trained one
+  after another and which one is active at a step (the root's are what the trainer uses);
+* :meth:`Aspect.schedule_errors` — what is wrong with the node's step schedule for a run of
+  ``training.steps`` steps (e.g. a stage that would never start).
+
+Weights are applied in one place only, :mod:`makd_registry.weighting`.
 
 The base classes import no torch; aspects import it inside their methods.
 """
@@ -21,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import Field, ValidationInfo, WithJsonSchema, WrapValidator
@@ -70,6 +83,19 @@ class LayerwiseConfig(AspectConfig):
     )
 
 
+@dataclass(frozen=True)
+class ChildNode:
+    """One child objective node declared by a combinator's config."""
+
+    #: where the child's config sits, relative to the parent's (``("terms", 2)``)
+    where: tuple[str | int, ...]
+    config: AspectConfig
+    #: the child's name in the tree; None: its config's ``name`` or ``type``
+    name: str | None = None
+    #: whether the child inherits the enclosing ``layers:`` mapping
+    inherits_layers: bool = True
+
+
 class Aspect:
     """Base class of aspects. See the module docstring for the contract."""
 
@@ -79,6 +105,47 @@ class Aspect:
     Config: ClassVar[type[AspectConfig]] = AspectConfig
     #: True for combinators, whose config has child nodes
     is_combinator: ClassVar[bool] = False
+    #: True for a combinator that may only be the objective's root
+    root_only: ClassVar[bool] = False
+
+    # -- the tree protocol (combinators) -----------------------------------------------
+
+    @classmethod
+    def child_nodes(cls, config: AspectConfig) -> list[ChildNode]:
+        """The child nodes ``config`` declares. The default finds every field that holds
+        an objective node or a list of them (``terms: list[AspectNode]``); override it for
+        children nested deeper (``stages[i].objective``)."""
+        out: list[ChildNode] = []
+        for field_name in type(config).model_fields:
+            value = getattr(config, field_name)
+            if isinstance(value, AspectConfig):
+                out.append(ChildNode((field_name,), value))
+            elif isinstance(value, list):
+                out.extend(
+                    ChildNode((field_name, i), item)
+                    for i, item in enumerate(value)
+                    if isinstance(item, AspectConfig)
+                )
+        return out
+
+    @classmethod
+    def schedule_errors(cls, config: AspectConfig, steps: int) -> list[tuple[tuple, str]]:
+        """``(where, message)`` for each problem of this node's step schedule in a run of
+        ``steps`` optimisation steps (``where`` relative to the node). Default: none."""
+        return []
+
+    def stage_nodes(self) -> tuple[Aspect, ...]:
+        """The sub-objectives trained one after another; a plain node is its own only
+        stage. The trainer builds one capture plan (and teacher cache) per stage."""
+        return (self,)
+
+    def active_stage(self, step: int) -> int:
+        """The index into :meth:`stage_nodes` of the stage trained at ``step`` (0-based)."""
+        return 0
+
+    def explain_info(self) -> dict[str, Any]:
+        """Extra facts ``makd explain`` shows for this node (e.g. each stage's steps)."""
+        return {}
 
     def __init__(
         self,

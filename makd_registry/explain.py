@@ -33,9 +33,7 @@ def node_dict(aspect: Aspect, effective: dict[str, float] | None = None) -> dict
         out["mapping"] = layers.describe()
     if aspect.pairs:
         out["pairs"] = [list(p) for p in aspect.pairs]
-    stages = getattr(aspect.config, "stages", None)
-    if stages is not None:
-        out["steps"] = [s.steps for s in stages]
+    out.update(aspect.explain_info())
     if aspect.children:
         out["children"] = [node_dict(c, effective) for c in aspect.children]
     else:

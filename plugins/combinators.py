@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, model_validator
 
 from makd_registry import Aspect, AspectNode, LayerwiseConfig, hookimpl
-from makd_registry.aspect import NAME_PATTERN, AspectConfig
+from makd_registry.aspect import NAME_PATTERN, AspectConfig, ChildNode
 from makd_registry.strict import StrictModel, raise_at
 from makd_registry.weighting import weighted_loss
 
@@ -56,6 +56,7 @@ class Stages(Aspect):
 
     name = "stages"
     is_combinator = True
+    root_only = True
 
     class Config(AspectConfig):
         stages: list[Stage] = Field(min_length=1, description="The stages, in order.")
@@ -82,6 +83,39 @@ class Stages(Aspect):
                         None,
                     )
             return self
+
+    @classmethod
+    def child_nodes(cls, config: Stages.Config) -> list[ChildNode]:  # type: ignore[override]
+        """Each stage's objective, named after the stage, with no inherited mapping."""
+        return [
+            ChildNode(("stages", i, "objective"), stage.objective, stage.name, False)
+            for i, stage in enumerate(config.stages)
+        ]
+
+    @classmethod
+    def schedule_errors(cls, config: Stages.Config, steps: int) -> list[tuple[tuple, str]]:  # type: ignore[override]
+        """Every stage must start before training ends, or it would silently never run."""
+        out, start = [], 0
+        for i, stage in enumerate(config.stages):
+            if start >= steps:
+                out.append(
+                    (
+                        ("stages", i),
+                        f"stage '{stage.name}' would start at step {start}, but training "
+                        f"ends after {steps} steps (training.steps): it would never run",
+                    )
+                )
+            start += stage.steps or 0
+        return out
+
+    def stage_nodes(self) -> tuple[Aspect, ...]:
+        return self.children
+
+    def active_stage(self, step: int) -> int:
+        return self.stage_at(step)
+
+    def explain_info(self) -> dict:
+        return {"steps": [s.steps for s in self.config.stages]}
 
     def boundaries(self) -> list[tuple[int, int | None]]:
         """``(first_step, end_step)`` of each stage; the end of an open last stage is None."""

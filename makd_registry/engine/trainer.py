@@ -107,12 +107,12 @@ class Trainer:
     # -- plans per stage ---------------------------------------------------------------
 
     def _stage(self) -> int:
-        return self.root.stage_at(self.step) if hasattr(self.root, "stage_at") else 0
+        return self.root.active_stage(self.step)
 
     def extractor(self) -> FeatureExtractor:
         stage = self._stage()
         if stage not in self._extractors:
-            node = self.root.children[stage] if hasattr(self.root, "stage_at") else self.root
+            node = self.root.stage_nodes()[stage]
             plan = CapturePlan.from_requests(node.requires())
             for old in self._extractors.values():
                 old.close()

@@ -18,7 +18,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..aspect import UNKNOWN_WITH_FAILED_PLUGINS, Aspect, AspectConfig, LayerwiseConfig
+from ..aspect import (
+    UNKNOWN_WITH_FAILED_PLUGINS,
+    Aspect,
+    AspectConfig,
+    ChildNode,
+    LayerwiseConfig,
+)
 from ..errors import Diagnostic, ExitCode, ObjectiveError, PluginError
 from ..features import FeatureRequest
 from ..mapping import LayerPair, MappingError
@@ -450,25 +456,22 @@ class _Resolver:
         own = getattr(config, "layers", None)
         mapping = (own, (*path, "layers")) if own is not None else inherited
 
-        if cls.name == "stages":
-            if not is_root:
-                self.error((*path, "type"), "'stages' can only be the root of the objective")
-            self._check_stage_budgets(config, path)
-            for i, stage in enumerate(config.stages):  # type: ignore[attr-defined]
+        if cls.is_combinator:
+            if cls.root_only and not is_root:
+                self.error((*path, "type"), f"'{cls.name}' can only be the root of the objective")
+            steps = (self.spec.training.steps if self.spec.training else None) or 1000
+            for where, message in cls.schedule_errors(config, steps):
+                self.error((*path, *where), message)
+            nodes = cls.child_nodes(config)
+            self._check_sibling_names(nodes, path, name)
+            for node in nodes:
                 child = self._build(
-                    stage.objective,
-                    (*path, "stages", i, "objective"),
-                    None,
+                    node.config,
+                    (*path, *node.where),
+                    mapping if node.inherits_layers else None,
                     qual,
-                    qual_name=stage.name,
+                    qual_name=node.name,
                 )
-                if child is not None:
-                    children.append(child)
-        elif cls.is_combinator:
-            terms = getattr(config, "terms", [])
-            self._check_sibling_names(terms, (*path, "terms"), name)
-            for i, term in enumerate(terms):
-                child = self._build(term, (*path, "terms", i), mapping, qual)
                 if child is not None:
                     children.append(child)
         elif isinstance(config, LayerwiseConfig):
@@ -507,7 +510,7 @@ class _Resolver:
         """Something must be trained: an objective (each stage of a staged one) whose every
         term has effective weight 0 is an error, not a run that trains nothing."""
         factors = effective_weights(root)
-        groups = list(root.children) if root.name == "stages" else [root]
+        groups = root.stage_nodes()
         for group in groups:
             leaves = [n for n in group.walk() if not n.children]
             if leaves and all(factors[leaf.path] == 0 for leaf in leaves):
@@ -517,30 +520,20 @@ class _Resolver:
                     "of the weights down to it): nothing would be trained",
                 )
 
-    def _check_stage_budgets(self, config: Any, path: YPath) -> None:
-        """Every stage must start before training ends, or it would silently never run."""
-        steps = (self.spec.training.steps if self.spec.training else None) or 1000
-        start = 0
-        for i, stage in enumerate(config.stages):
-            if start >= steps:
-                self.error(
-                    (*path, "stages", i),
-                    f"stage '{stage.name}' would start at step {start}, but training ends "
-                    f"after {steps} steps (training.steps): it would never run",
-                )
-            start += stage.steps or 0
-
-    def _check_sibling_names(self, terms: list[AspectConfig], path: YPath, parent: str) -> None:
-        first: dict[str, int] = {}
-        for i, term in enumerate(terms):
-            name = term.name or term.type
+    def _check_sibling_names(self, nodes: list[ChildNode], path: YPath, parent: str) -> None:
+        """Children's names must be unique: they are the keys of the logged terms."""
+        first: dict[str, tuple] = {}
+        for node in nodes:
+            config = node.config
+            name = node.name or config.name or config.type
             if name in first:
-                key = "name" if term.name else "type"
-                hint = "" if term.name else "; give each a distinct 'name'"
+                key = "name" if (node.name or config.name) else "type"
+                where = node.where if node.name else (*node.where, key)
+                hint = "" if (node.name or config.name) else "; give each a distinct 'name'"
                 self.error(
-                    (*path, i, key),
-                    f"duplicate name '{name}' among the terms of '{parent}' (also terms"
-                    f"[{first[name]}]){hint}",
+                    (*path, *where),
+                    f"duplicate name '{name}' among the terms of '{parent}' (also "
+                    f"{_fmt(first[name])}){hint}",
                 )
             else:
-                first[name] = i
+                first[name] = node.where

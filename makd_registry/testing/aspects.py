@@ -302,11 +302,11 @@ def check_aspect_invariants(
         f"{name}: batch order changed the loss ({loss.item()} → {reordered.item()})"
     )
 
-    from makd_plugins.combinators import Sum
+    from ..weighting import weighted_loss
 
     child = copy.copy(aspect)
     child.config = aspect.config.model_copy(update={"weight": 2.5})
-    total = Sum(Sum.Config(type="sum", terms=[child.config]), children=[child]).loss(base)
+    total = weighted_loss(child, base)
     assert torch.allclose(total, 2.5 * loss, rtol=1e-5, atol=atol), (
         f"{name}: weight 2.5 gave {total.item()}, not 2.5 × {loss.item()}"
     )
