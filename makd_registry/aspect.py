@@ -45,6 +45,8 @@ from .strict import StrictModel, raise_at, suggest
 if TYPE_CHECKING:
     import torch
 
+    from .providers import Requirement
+
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
 
 #: error type of an unknown aspect type while some plugin failed to load: the file may be
@@ -107,6 +109,9 @@ class Aspect:
     is_combinator: ClassVar[bool] = False
     #: True for a combinator that may only be the objective's root
     root_only: ClassVar[bool] = False
+    #: True for the task loss (hard-label CE): a teacher that makd trains itself trains on
+    #: it alone; exactly one registered aspect should say so
+    task_loss: ClassVar[bool] = False
 
     # -- the tree protocol (combinators) -----------------------------------------------
 
@@ -190,6 +195,12 @@ class Aspect:
         for child in self.children:
             out.extend(child.requires())
         return sorted(set(out))
+
+    def needs(self) -> list[Requirement]:
+        """What this node needs beyond captured features (generated targets, pseudo-labels,
+        …), served by the provider registered for each requirement's kind (see
+        :mod:`makd_registry.providers`). Only the node's own: the engine walks the tree."""
+        return []
 
     def build(self, teacher: ModelInfo, student: ModelInfo) -> None:
         """Create trainable modules once the model shapes are known (default: none)."""

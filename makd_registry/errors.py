@@ -53,6 +53,10 @@ class PluginError(MakdError):
     exit_code = ExitCode.PLUGIN
 
 
+class PluginConflictError(PluginError):
+    """Two plugins registered the same name (an aspect, a ``model_type``, a provider kind)."""
+
+
 class RuntimeFailure(MakdError):
     """A run failed for a reason outside the objective file (model, data, device)."""
 

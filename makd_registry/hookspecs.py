@@ -22,6 +22,7 @@ import pluggy
 if TYPE_CHECKING:
     from .aspect import Aspect
     from .models.adapter import ArchitectureAdapter
+    from .providers import Provider
 
 PROJECT_NAME = "makd"
 
@@ -81,4 +82,33 @@ def makd_register_architectures(register: Callable[[type[ArchitectureAdapter]], 
             register(MyModelAdapter)
 
     See ``docs/adapters.md`` for the whole contract.
+    """
+
+
+@hookspec
+def makd_register_providers(register: Callable[[Provider], None]) -> None:
+    """Register requirement providers: call ``register(provider)`` with an instance of a
+    :class:`makd_registry.providers.Provider` subclass, once for each.
+
+    An aspect that needs more than captured features returns
+    :class:`~makd_registry.providers.Requirement` objects from ``needs()``; the provider
+    whose ``kind`` matches checks them while the run is planned (``check``, problems
+    located at the nodes that asked) and serves them before training (``provide``, e.g. a
+    column added to the training data). Two plugins providing one kind is an error that
+    names both. The built-in ``teacher_targets`` provider runs SeqKD's generation pass.
+
+    Example::
+
+        from makd_registry import hookimpl
+        from makd_registry.providers import Provider
+
+        class PseudoLabels(Provider):
+            kind = "pseudo_labels"
+
+            def provide(self, needs, context):
+                ...  # label context.data.train with context.teacher
+
+        @hookimpl
+        def makd_register_providers(register):
+            register(PseudoLabels())
     """

@@ -18,13 +18,13 @@ import importlib
 import importlib.metadata as metadata
 import os
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import PluginConflictError, PluginError
 from .registry import AspectRegistry, PluginFailure, PluginInfo
 
 ENTRYPOINT_GROUP = "makd"
@@ -170,32 +170,24 @@ def _load_entrypoints(pm: MakdPluginManager, disabled: set[str]) -> None:
         pm.add_plugin(plugin, PluginInfo(ep.name, dist, version, module=ep.value))
 
 
-class _ConflictError(PluginError):
-    pass
-
-
-def make_registry(pm: MakdPluginManager | None = None, *, strict: bool = True) -> AspectRegistry:
-    """Collect every plugin's aspects into an :class:`AspectRegistry`.
-
-    Each plugin's ``makd_register_aspects`` runs on its own: one that raises is recorded
-    (its partial registrations rolled back) and the others still register. Two plugins
-    registering one name is a conflict: with ``strict`` it raises :class:`PluginError`
-    naming both; otherwise it is recorded in ``registry.failures``.
-    """
-    pm = pm if pm is not None else make_plugin_manager()
-    registry = AspectRegistry(plugins=list(pm.infos.values()), failures=list(pm.failures))
-    for impl in pm.hook.makd_register_aspects.get_hookimpls():
+def register_all(
+    pm: MakdPluginManager,
+    hook: str,
+    add: Callable[[Any, PluginInfo], list[Any]],
+    remove: Callable[[Any], Any],
+    failures: list[PluginFailure],
+) -> None:
+    """Run every plugin's registration ``hook`` on its own, with ``register(obj)`` calling
+    ``add(obj, plugin) -> keys``. The one isolation routine of every registry: a plugin
+    whose hook raises has its partial registrations rolled back (``remove(key)``) and is
+    recorded in ``failures`` (stage ``conflict`` for a :class:`PluginConflictError`, else
+    ``register``); a built-in's failure raises, except a conflict (the third party's fault)."""
+    for impl in getattr(pm.hook, hook).get_hookimpls():
         info = pm.infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name)
-        added: list[str] = []
+        added: list[Any] = []
 
-        def register(cls: Any, _info: PluginInfo = info, _added: list[str] = added) -> None:
-            try:
-                registry.add(cls, _info)
-            except PluginError as exc:
-                if "registered twice" in str(exc):
-                    raise _ConflictError(str(exc)) from None
-                raise
-            _added.append(cls.name)
+        def register(obj: Any, _info: PluginInfo = info, _added: list[Any] = added) -> None:
+            _added.extend(add(obj, _info))
 
         kwargs = {"register": register}
         try:
@@ -203,14 +195,44 @@ def make_registry(pm: MakdPluginManager | None = None, *, strict: bool = True) -
         except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            for name in added:
-                registry.entries.pop(name, None)
-            if info.builtin and not isinstance(exc, _ConflictError):
+            for key in added:
+                remove(key)
+            conflict = isinstance(exc, PluginConflictError)
+            if info.builtin and not conflict:
                 raise
-            stage = "conflict" if isinstance(exc, _ConflictError) else "register"
             message = str(exc) if isinstance(exc, PluginError) else _describe(exc)
-            registry.failures.append(PluginFailure(info.name, info.distribution, stage, message))
+            stage = "conflict" if conflict else "register"
+            failures.append(PluginFailure(info.name, info.distribution, stage, message))
+
+
+def make_registry(pm: MakdPluginManager | None = None, *, strict: bool = True) -> AspectRegistry:
+    """Collect every plugin's aspects and requirement providers into an
+    :class:`AspectRegistry` (through :func:`register_all`). Two plugins registering one
+    name is a conflict: with ``strict`` it raises :class:`PluginConflictError` naming both;
+    otherwise it is recorded in ``registry.failures``.
+    """
+    pm = pm if pm is not None else make_plugin_manager()
+    registry = AspectRegistry(plugins=list(pm.infos.values()), failures=list(pm.failures))
+
+    def add_aspect(cls: Any, info: PluginInfo) -> list[str]:
+        registry.add(cls, info)
+        return [cls.name]
+
+    register_all(
+        pm,
+        "makd_register_aspects",
+        add_aspect,
+        lambda name: registry.entries.pop(name, None),
+        registry.failures,
+    )
+    register_all(
+        pm,
+        "makd_register_providers",
+        registry.add_provider,
+        lambda kind: registry.providers.pop(kind, None),
+        registry.failures,
+    )
     conflicts = [f for f in registry.failures if f.stage == "conflict"]
     if strict and conflicts:
-        raise PluginError("\n".join(f.error for f in conflicts))
+        raise PluginConflictError("\n".join(f.error for f in conflicts))
     return registry

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .aspect import Aspect, check_aspect_class
-from .errors import PluginError
+from .errors import PluginConflictError, PluginError
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,46 @@ class AspectEntry:
         return self.cls.name
 
 
+@dataclass(frozen=True)
+class ProviderEntry:
+    provider: Any  # a makd_registry.providers.Provider
+    plugin: PluginInfo
+
+
 @dataclass
 class AspectRegistry:
-    """Aspect classes by name; built by :func:`makd_registry.make_registry`."""
+    """Aspect classes by name, and the providers of their requirements by kind; built by
+    :func:`makd_registry.make_registry`."""
 
     entries: dict[str, AspectEntry] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
     failures: list[PluginFailure] = field(default_factory=list)
+    providers: dict[str, ProviderEntry] = field(default_factory=dict)
+
+    def add_provider(self, provider: Any, plugin: PluginInfo) -> list[str]:
+        """Register ``provider`` (a :class:`~makd_registry.providers.Provider` instance) for
+        its ``kind``; two plugins providing one kind is a conflict."""
+        from .providers import check_provider
+
+        try:
+            check_provider(provider)
+        except TypeError as exc:
+            raise PluginError(
+                f"plugin '{plugin.name}' registered an invalid provider: {exc}"
+            ) from None
+        existing = self.providers.get(provider.kind)
+        if existing is not None and existing.provider is not provider:
+            raise PluginConflictError(
+                f"requirement kind '{provider.kind}' is provided twice: by plugin "
+                f"'{existing.plugin.name}'{_origin(existing.plugin)} and by plugin "
+                f"'{plugin.name}'{_origin(plugin)}"
+            )
+        self.providers[provider.kind] = ProviderEntry(provider, plugin)
+        return [provider.kind]
+
+    def provider(self, kind: str) -> Any | None:
+        entry = self.providers.get(kind)
+        return entry.provider if entry else None
 
     def add(self, cls: type[Aspect], plugin: PluginInfo) -> None:
         """Register ``cls`` for ``plugin``; raises :class:`PluginError` on a bad class or clash."""
@@ -69,7 +103,7 @@ class AspectRegistry:
         if existing is not None:
             if existing.cls is cls and existing.plugin.name == plugin.name:
                 return
-            raise PluginError(
+            raise PluginConflictError(
                 f"aspect '{cls.name}' is registered twice: by plugin '{existing.plugin.name}'"
                 f"{_origin(existing.plugin)} ({_qual(existing.cls)}) and by plugin "
                 f"'{plugin.name}'{_origin(plugin)} ({_qual(cls)})"
@@ -82,6 +116,17 @@ class AspectRegistry:
 
     def names(self) -> list[str]:
         return sorted(self.entries)
+
+    def task_loss(self) -> type[Aspect]:
+        """The aspect class registered as the task loss (``task_loss = True``)."""
+        found = [e for e in self if e.cls.task_loss]
+        if len(found) != 1:
+            names = ", ".join(f"'{e.name}' (plugin '{e.plugin.name}')" for e in found)
+            raise PluginError(
+                "a teacher trained by makd needs exactly one aspect registered as the task "
+                f"loss (task_loss = True); found {len(found)}{': ' + names if names else ''}"
+            )
+        return found[0].cls
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries

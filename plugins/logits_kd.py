@@ -143,6 +143,7 @@ class CrossEntropy(Aspect):
     """Hard-label cross-entropy of the student (task loss; next-token CE for causal LMs)."""
 
     name = "ce"
+    task_loss = True  # a teacher that makd trains trains on this alone
 
     class Config(AspectConfig):
         pass

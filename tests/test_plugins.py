@@ -249,3 +249,30 @@ def test_conflicting_entry_point_plugin_makes_validate_exit_3(fake_dist, tmp_pat
     assert main(["validate", str(objective)]) == 3
     err = capsys.readouterr().err
     assert "aspect 'sum' is registered twice" in err and "fake-clash" in err
+
+
+def test_the_teachers_own_loss_is_the_aspect_registered_as_the_task_loss():
+    """The engine finds it by role, not by name; two claimants are an error naming both."""
+    from makd_registry import Aspect, AspectConfig, hookimpl
+
+    assert make_registry(make_plugin_manager(entrypoints=False)).task_loss().name == "ce"
+
+    class MyCE(Aspect):
+        name = "my_ce"
+        task_loss = True
+
+        class Config(AspectConfig):
+            pass
+
+        def loss(self, features):
+            return features.zero()
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def makd_register_aspects(register):
+            register(MyCE)
+
+    registry = make_registry(make_plugin_manager([Plugin], entrypoints=False))
+    with pytest.raises(PluginError, match="exactly one.*'ce'.*'my_ce' \\(plugin 'Plugin'\\)"):
+        registry.task_loss()

@@ -473,8 +473,8 @@ def test_a_run_without_a_checkpoint_link_uses_its_newest_complete_checkpoint(tmp
 
 
 def test_cache_keys_cover_what_the_cached_outputs_depend_on(tmp_path):
-    from makd_registry.engine.seqkd import cache_key
     from makd_registry.engine.teacher import teacher_key
+    from makd_registry.generation import cache_key
     from makd_registry.objective import load_objective
     from makd_registry.plugins import make_registry
 
@@ -492,7 +492,10 @@ def test_cache_keys_cover_what_the_cached_outputs_depend_on(tmp_path):
     assert key("training.log_every=5") == base
     resolved = load_objective(path, registry)
     config = registry.get("seqkd").Config(type="seqkd", decoding="sample")
+    options = config.model_dump(mode="json", exclude={"name", "weight", "cache_dir"})
     generation = {"seed": 0, "batch_size": 8, "device": "cpu", "bf16": False}
     tokenizer = list(range(10))
-    first = cache_key("t", resolved.spec.data, tokenizer, config, generation)
-    assert cache_key("t", resolved.spec.data, tokenizer, config, {**generation, "seed": 1}) != first
+    data = resolved.spec.data
+    first = cache_key("t", data, tokenizer, options, generation, "seqkd")
+    assert cache_key("t", data, tokenizer, options, {**generation, "seed": 1}, "seqkd") != first
+    assert cache_key("t", data, tokenizer, {**options, "top_p": 0.5}, generation, "seqkd") != first

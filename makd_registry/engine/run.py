@@ -198,7 +198,7 @@ class Run:
         if teacher is not plan.teacher:  # trained now: build the student from it
             models = self._build_student(teacher, plan.teacher_adapter, plan.data)
             self._check_models(models, plan)
-        self._seqkd_pass(teacher, plan.data, plan.tokenizer)
+        self._provide(teacher, plan.data, plan.tokenizer)
         student = models.student.to(self.device)
         if teacher is not None:
             teacher.eval()
@@ -247,7 +247,7 @@ class Run:
                 "objective distils from it: add 'finetune: {steps: N}' to the teacher "
                 "section, or give a trained 'model'",
             )
-        self._check_seqkd()
+        self._check_needs()
         models = self._build_student(teacher, adapter, data)
         models.teacher_tokenizer, models.student_tokenizer = teacher_tok, student_tok
         plan = Plan(
@@ -269,24 +269,33 @@ class Run:
         plan.memory_mb = self._check_memory(models, capture)
         return plan
 
-    def _check_seqkd(self) -> None:
-        """The SeqKD pass generates once for the whole objective, with the teacher: one set
-        of options, and a teacher section."""
+    def _check_needs(self) -> None:
+        """Every requirement beyond features has a provider, and the provider accepts it
+        (problems located at the nodes that asked); nothing is written."""
         from ..objective.build import SOURCE_PATH
-        from .seqkd import seqkd_config
+        from ..providers import PlanContext, collect_needs
 
-        nodes = [n for n in self.resolved.root.walk() if n.name == "seqkd"]
-        if not nodes:
-            return
-        if self.spec.teacher is None:
-            self._refuse(
-                getattr(nodes[0], SOURCE_PATH, ("objective",)),
-                "seqkd needs a teacher section (the teacher generates the targets)",
+        context = PlanContext(self.spec, self.base_dir, has_teacher=self.spec.teacher is not None)
+        problems = []
+        for kind, needs in collect_needs(self.resolved.root).items():
+            provider = self.registry.provider(kind)
+            if provider is None:
+                problems.append(
+                    (
+                        needs[0].node,
+                        f"'{needs[0].node.name}' needs '{kind}', which no installed plugin "
+                        "provides (see makd plugins)",
+                    )
+                )
+                continue
+            problems += provider.check(needs, context)
+        if problems:
+            raise ObjectiveError(
+                [
+                    self.resolved.source.diagnostic(getattr(node, SOURCE_PATH, ("objective",)), m)
+                    for node, m in problems
+                ]
             )
-        try:
-            seqkd_config(self.resolved.root)
-        except ValueError as exc:
-            self._refuse(getattr(nodes[-1], SOURCE_PATH, ("objective",)), str(exc))
 
     def _check_batch(self, data: Any) -> None:
         """Settings that cannot work with this data or this number of processes."""
@@ -442,9 +451,9 @@ class Run:
         from ..models.serialization import load_student, read_record, save_student
         from .teacher import (
             cache_root,
-            ce_objective,
             copy_for_training,
             finetune_training,
+            task_objective,
             teacher_key,
         )
 
@@ -460,7 +469,7 @@ class Run:
             trainer = Trainer(
                 student=model,
                 student_adapter=plan.teacher_adapter,
-                root=ce_objective(self.registry),
+                root=task_objective(self.registry),
                 data=plan.data,
                 training=training,
                 pad_id=_pad_id(plan.tokenizer),
@@ -520,58 +529,32 @@ class Run:
             return "finetuned:" + teacher_key(self.spec, self.base_dir)
         return json.dumps(t.model_dump(mode="json"), sort_keys=True)
 
-    def _seqkd_pass(self, teacher: Any, data: Any, tokenizer: Any) -> None:
-        from .seqkd import (
-            apply_targets,
-            cache_key,
-            generate_targets,
-            load_or_generate,
-            seqkd_config,
-        )
+    def _provide(self, teacher: Any, data: Any, tokenizer: Any) -> None:
+        """Before training: each provider serves the requirements of its kind."""
+        from ..providers import ProviderContext, collect_needs
         from .teacher import cache_root
 
-        config = seqkd_config(self.resolved.root)
-        if config is None:
+        needs = collect_needs(self.resolved.root)
+        if not needs:
             return
-        generation = {
-            "seed": self.training.seed,
-            "batch_size": self.training.eval_batch_size or self.training.batch_size,
-            "device": self.device.type,
-            "bf16": self.bf16,
-        }
-        key = cache_key(self._teacher_id(), self.spec.data, tokenizer, config, generation)
-        directory = (
-            (self.base_dir / config.cache_dir) if config.cache_dir else cache_root() / "seqkd"
+        context = ProviderContext(
+            spec=self.spec,
+            base_dir=self.base_dir,
+            teacher=teacher,
+            data=data,
+            tokenizer=tokenizer,
+            device=self.device,
+            autocast=self.autocast,
+            bf16=self.bf16,
+            cache_root=cache_root(),
+            teacher_id=self._teacher_id() if self.spec.teacher is not None else "",
+            say=self.say,
+            random_stream=lambda purpose: seeded(self.training.seed, purpose),
+            main=self.world.main,
+            barrier=self.world.barrier,
         )
-        cache_file = directory / f"{key}.safetensors"
-
-        def make() -> dict[str, Any]:
-            start = time.perf_counter()
-            with seeded(self.training.seed, "seqkd"):
-                targets = generate_targets(
-                    teacher,
-                    data,
-                    tokenizer,
-                    config,
-                    batch_size=self.training.eval_batch_size or self.training.batch_size,
-                    device=self.device,
-                    autocast=self.autocast,
-                    max_length=self.spec.data.max_length,
-                )
-            self.say(
-                f"seqkd: the teacher labelled {len(data.train)} training rows in "
-                f"{time.perf_counter() - start:.0f}s"
-            )
-            return targets
-
-        if self.world.main:
-            targets, cached = load_or_generate(cache_file, make)
-            if cached:
-                self.say(f"seqkd: reusing the teacher's targets from {cache_file}")
-        self.world.barrier()
-        if not self.world.main:
-            targets, _ = load_or_generate(cache_file, make)
-        apply_targets(data, targets)
+        for kind, kind_needs in needs.items():
+            self.registry.provider(kind).provide(kind_needs, context)
 
     def _evaluate(self, model: Any, data: Any, tokenizer: Any) -> dict[str, float]:
         if not self.world.main or data.validation is None:

@@ -26,7 +26,7 @@ PURPOSES = (
     "aspect_modules",  # alignment maps and other trainable modules of the objective
     "teacher_init",  # a teacher built from a config before its own training
     "teacher_train",  # dropout during the teacher's own training
-    "seqkd",  # sampling in the SeqKD pass
+    # requirement providers draw from purposes they name themselves
     "train",  # dropout during distillation (restored from checkpoints on resume)
 )
 

@@ -68,10 +68,10 @@ def finetune_training(spec: Any) -> Any:
     )
 
 
-def ce_objective(registry: Any) -> Any:
-    """A one-node CE objective (the teacher's own training)."""
-    cls = registry.get("ce")
-    return cls(cls.Config(type="ce"), path="teacher/ce")
+def task_objective(registry: Any) -> Any:
+    """A one-node objective of the registered task loss (the teacher's own training)."""
+    cls = registry.task_loss()
+    return cls(cls.Config(type=cls.name), path=f"teacher/{cls.name}")
 
 
 def copy_for_training(teacher: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import PluginError
+from ..errors import PluginConflictError, PluginError
 from ..registry import PluginFailure, PluginInfo
 from .adapter import HEAD_CLASSES, ArchitectureAdapter, ArchitectureError, LayerLayout
 
@@ -50,7 +50,7 @@ class ArchitectureRegistry:
         for model_type in cls.model_types:
             existing = self.by_type.get(model_type)
             if existing is not None and existing[0] is not cls:
-                raise PluginError(
+                raise PluginConflictError(
                     f"model_type '{model_type}' is claimed twice: by plugin "
                     f"'{existing[1].name}' ({existing[0].__qualname__}) and by plugin "
                     f"'{plugin.name}' ({cls.__qualname__})"
@@ -101,27 +101,15 @@ class ArchitectureRegistry:
 
 def make_architecture_registry(pm: Any = None) -> ArchitectureRegistry:
     """Collect every plugin's adapters; a plugin that fails is recorded, built-ins raise."""
-    from ..plugins import _describe, make_plugin_manager
+    from ..plugins import make_plugin_manager, register_all
 
     pm = pm if pm is not None else make_plugin_manager()
     registry = ArchitectureRegistry()
-    for impl in pm.hook.makd_register_architectures.get_hookimpls():
-        info = pm.infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name)
-        added: list[str] = []
-
-        def register(cls: Any, _info: PluginInfo = info, _added: list[str] = added) -> None:
-            _added.extend(registry.add(cls, _info))
-
-        try:
-            impl.function(register=register)
-        except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            for model_type in added:
-                registry.by_type.pop(model_type, None)
-            if info.builtin:
-                raise
-            message = str(exc) if isinstance(exc, PluginError) else _describe(exc)
-            stage = "conflict" if "claimed twice" in message else "register"
-            registry.failures.append(PluginFailure(info.name, info.distribution, stage, message))
+    register_all(
+        pm,
+        "makd_register_architectures",
+        registry.add,
+        lambda model_type: registry.by_type.pop(model_type, None),
+        registry.failures,
+    )
     return registry

@@ -1,17 +1,18 @@
-"""The SeqKD pass: the teacher's outputs on the training set, generated once and cached.
+"""The teacher's targets on the training set: generated once, stored, reused.
 
-Before training, when the objective contains ``seqkd``, the teacher labels every training
-example and the result becomes the column ``generated`` (the ``GENERATED`` feature):
+The generation service behind requirement providers (the built-in ``teacher_targets``
+provider, used by sequence-level KD); the teacher labels every training example and the
+result becomes the column ``generated`` (the ``GENERATED`` feature):
 
 * classification and pair classification: the teacher's argmax class (pseudo-labels);
 * extractive QA: the teacher's argmax start and end positions;
 * causal LM: each training block's first tokens are a prompt and the teacher continues it
-  (greedy, beam or sampled, as the aspect says) up to the block length; the training rows
+  (greedy, beam or sampled, as the options say) up to the block length; the training rows
   become these teacher sequences, and ``generated`` marks the generated tokens (the prompt
   and padding are -100, so the CE covers the teacher's tokens only).
 
-Generation is batched; the result is stored as safetensors under a hash of the teacher, the
-data section, the tokenizer and the aspect's options, and reused by later runs.
+Generation is batched; :func:`load_or_generate` stores the result as safetensors under a
+key (:func:`cache_key`) of everything it depends on. torch is imported inside functions.
 """
 
 from __future__ import annotations
@@ -21,44 +22,30 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..data.collate import collate
-
-
-def seqkd_config(root: Any) -> Any | None:
-    """The options of the objective's ``seqkd`` node (one set per objective)."""
-    configs = [n.config for n in root.walk() if n.name == "seqkd"]
-    if not configs:
-        return None
-    dumps = {
-        json.dumps(c.model_dump(mode="json", exclude={"name", "weight"}), sort_keys=True)
-        for c in configs
-    }
-    if len(dumps) > 1:
-        raise ValueError(
-            "all seqkd terms of one objective must use the same decoding options (the "
-            "teacher generates its targets once, before training)"
-        )
-    return configs[0]
+from .data.collate import collate
 
 
 def cache_key(
-    teacher_id: str, data_spec: Any, tokenizer: Any, config: Any, generation: dict[str, Any]
+    teacher_id: str,
+    data_spec: Any,
+    tokenizer: Any,
+    options: dict[str, Any],
+    generation: dict[str, Any],
+    label: str,
 ) -> str:
-    """The cache name of the targets: everything they depend on. ``generation`` holds the
-    run's settings that shape the generation (seed, batch size, device, precision)."""
+    """The cache name of the targets: everything they depend on. ``options`` are the
+    decoding options; ``generation`` the run's settings that shape the generation (seed,
+    batch size, device, precision); ``label`` names the requester in the key."""
     payload = {
         "teacher": teacher_id,
         "data": data_spec.model_dump(mode="json"),
         "vocab": len(tokenizer),
-        "seqkd": config.model_dump(mode="json", exclude={"name", "weight", "cache_dir"}),
+        label: options,
         "generation": generation,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
 def generate_targets(
     teacher: Any,
     data: Any,
@@ -66,12 +53,23 @@ def generate_targets(
     config: Any,
     *,
     batch_size: int,
-    device: torch.device,
+    device: Any,
     autocast: Any,
     max_length: int,
-) -> dict[str, torch.Tensor]:
-    """The teacher's targets for every training row (see the module docstring). Sampling
-    draws from the caller's random stream (the run's ``seqkd`` stream)."""
+) -> dict[str, Any]:
+    """The teacher's targets for every training row (see the module docstring), without
+    gradients. Sampling draws from the caller's random stream. ``config`` has
+    ``decoding`` (greedy, beam, sample), ``num_beams``, ``max_new_tokens``, ``temperature``
+    and ``top_p``."""
+    import torch
+
+    with torch.no_grad():
+        return _generate(teacher, data, tokenizer, config, batch_size, device, autocast, max_length)
+
+
+def _generate(teacher, data, tokenizer, config, batch_size, device, autocast, max_length):
+    import torch
+
     teacher.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = int(pad or 0)
@@ -95,7 +93,9 @@ def generate_targets(
 
 def _generate_lm(
     teacher, train, tokenizer, config, batch_size, device, autocast, max_length, pad
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Any]:
+    import torch
+
     new = min(config.max_new_tokens, max_length - 1)
     prompt_len = max_length - new
     kwargs: dict[str, Any] = {"max_new_tokens": new, "min_new_tokens": 1, "pad_token_id": pad}
@@ -134,7 +134,7 @@ def _generate_lm(
     return {"input_ids": input_ids, "attention_mask": mask, "generated": generated}
 
 
-def apply_targets(data: Any, targets: dict[str, torch.Tensor]) -> Any:
+def apply_targets(data: Any, targets: dict[str, Any]) -> Any:
     """``data.train`` with the teacher's targets as the ``generated`` column (causal LM: the
     teacher's sequences as the rows)."""
     import datasets
@@ -156,7 +156,7 @@ def apply_targets(data: Any, targets: dict[str, torch.Tensor]) -> Any:
     return data
 
 
-def load_or_generate(cache_file: Path, make: Any) -> tuple[dict[str, torch.Tensor], bool]:
+def load_or_generate(cache_file: Path, make: Any) -> tuple[dict[str, Any], bool]:
     """Targets from ``cache_file`` (safetensors) or ``make()``, stored atomically."""
     from safetensors.torch import load_file, save_file
 
