@@ -179,7 +179,8 @@ def _run_table(summary: dict[str, Any]) -> Table:
         if summary[name]:
             table.add_row(name, *(f"{summary[name].get(m, float('nan')):.4f}" for m in metrics))
     table.caption = (
-        f"{summary['steps']} steps in {summary['train_seconds']:.0f}s; student, metrics and "
+        f"{summary.get('stopped_at', summary['steps'])} steps in "
+        f"{summary['train_seconds']:.0f}s; student, metrics and "
         f"plots in {summary['run_dir']}"
     )
     return table

@@ -21,6 +21,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .aspect import Aspect
+    from .callbacks import Callback
     from .models.adapter import ArchitectureAdapter
     from .providers import Provider
 
@@ -111,4 +112,29 @@ def makd_register_providers(register: Callable[[Provider], None]) -> None:
         @hookimpl
         def makd_register_providers(register):
             register(PseudoLabels())
+    """
+
+
+@hookspec
+def makd_register_callbacks(register: Callable[[type[Callback]], None]) -> None:
+    """Register training-loop callbacks: call ``register(CallbackClass)`` once for each.
+
+    A callback class subclasses :class:`makd_registry.callbacks.Callback`, has a unique
+    ``name`` (the ``type:`` users write under ``training.callbacks``), a ``Config`` (a
+    :class:`~makd_registry.callbacks.CallbackConfig` subclass: its options, validated with
+    located errors) and ``roles`` (the loops it joins: ``student``, ``teacher``). It
+    overrides the lifecycle hooks it needs (``on_run_start``, ``on_step_begin``,
+    ``on_step_end``, ``on_evaluate``, ``on_checkpoint``, ``on_step_complete``,
+    ``on_run_end``) and steers the loop through ``control`` (``should_evaluate``,
+    ``should_checkpoint``, ``stop(reason)``, ``interrupt(reason)``). The built-in progress
+    bar, metrics log, evaluation and checkpoint schedules, finite-loss guard, stop
+    requests and fault injection are callbacks of the same kind.
+
+    Example::
+
+        from makd_registry import hookimpl
+
+        @hookimpl
+        def makd_register_callbacks(register):
+            register(EarlyStopping)
     """

@@ -206,7 +206,7 @@ def register_all(
 
 
 def make_registry(pm: MakdPluginManager | None = None, *, strict: bool = True) -> AspectRegistry:
-    """Collect every plugin's aspects and requirement providers into an
+    """Collect every plugin's aspects, requirement providers and callbacks into an
     :class:`AspectRegistry` (through :func:`register_all`). Two plugins registering one
     name is a conflict: with ``strict`` it raises :class:`PluginConflictError` naming both;
     otherwise it is recorded in ``registry.failures``.
@@ -230,6 +230,13 @@ def make_registry(pm: MakdPluginManager | None = None, *, strict: bool = True) -
         "makd_register_providers",
         registry.add_provider,
         lambda kind: registry.providers.pop(kind, None),
+        registry.failures,
+    )
+    register_all(
+        pm,
+        "makd_register_callbacks",
+        registry.add_callback,
+        lambda name: registry.callbacks.pop(name, None),
         registry.failures,
     )
     conflicts = [f for f in registry.failures if f.stage == "conflict"]

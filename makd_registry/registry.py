@@ -56,15 +56,47 @@ class ProviderEntry:
     plugin: PluginInfo
 
 
+@dataclass(frozen=True)
+class CallbackEntry:
+    cls: Any  # a makd_registry.callbacks.Callback subclass
+    plugin: PluginInfo
+
+
 @dataclass
 class AspectRegistry:
-    """Aspect classes by name, and the providers of their requirements by kind; built by
+    """What one command's plugins registered: aspect classes by name, the providers of
+    their requirements by kind, and callback classes by name; built by
     :func:`makd_registry.make_registry`."""
 
     entries: dict[str, AspectEntry] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
     failures: list[PluginFailure] = field(default_factory=list)
     providers: dict[str, ProviderEntry] = field(default_factory=dict)
+    callbacks: dict[str, CallbackEntry] = field(default_factory=dict)
+
+    def add_callback(self, cls: Any, plugin: PluginInfo) -> list[str]:
+        """Register a callback class (:class:`~makd_registry.callbacks.Callback`) by name."""
+        from .callbacks import check_callback_class
+
+        try:
+            check_callback_class(cls)
+        except TypeError as exc:
+            raise PluginError(
+                f"plugin '{plugin.name}' registered an invalid callback: {exc}"
+            ) from None
+        existing = self.callbacks.get(cls.name)
+        if existing is not None and existing.cls is not cls:
+            raise PluginConflictError(
+                f"callback '{cls.name}' is registered twice: by plugin "
+                f"'{existing.plugin.name}'{_origin(existing.plugin)} ({_qual(existing.cls)}) "
+                f"and by plugin '{plugin.name}'{_origin(plugin)} ({_qual(cls)})"
+            )
+        self.callbacks[cls.name] = CallbackEntry(cls, plugin)
+        return [cls.name]
+
+    def callback(self, name: str) -> Any | None:
+        entry = self.callbacks.get(name)
+        return entry.cls if entry else None
 
     def add_provider(self, provider: Any, plugin: PluginInfo) -> list[str]:
         """Register ``provider`` (a :class:`~makd_registry.providers.Provider` instance) for

@@ -19,6 +19,7 @@ COMMANDS = {"cli.py", "explain.py", "schema_export.py", "student_report.py"}
 PUBLIC = {
     "makd_registry",
     "makd_registry.aspect",
+    "makd_registry.callbacks",
     "makd_registry.features",
     "makd_registry.generation",
     "makd_registry.losses",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -32,12 +31,13 @@ import torch
 from rich.console import Console
 
 from .. import __version__
+from ..callbacks import LoopState
 from ..capture import CapturePlan
-from ..errors import ObjectiveError, RuntimeFailure
+from ..errors import ObjectiveError
 from ..objective.sections import TrainingSection
 from .distributed import World, close_world, init_world
 from .evaluate import MAIN_METRIC, evaluate
-from .faults import fault_point
+from .loop import LoopHost, fit
 from .reporting import METRICS, MetricsLog, StepProgress, read_metrics
 from .rundir import (
     OBJECTIVE_COPY,
@@ -185,10 +185,13 @@ class Run:
                 else "it has no final checkpoint to train further from: set "
                 "training.checkpoint_every for runs you may want to extend"
             )
-            self.say(
-                f"{self.run_dir} already finished its {summary.get('steps')} steps: nothing to "
-                f"do ({further})"
+            done = (
+                f"stopped at step {summary['stopped_at']} of {summary.get('steps')} "
+                f"({summary.get('stop_reason')})"
+                if "stopped_at" in summary
+                else f"finished its {summary.get('steps')} steps"
             )
+            self.say(f"{self.run_dir} already {done}: nothing to do ({further})")
             return {**summary, "already_finished": True}
         plan = self.plan()
         if self.options.dry_run:
@@ -449,6 +452,7 @@ class Run:
 
     def _finetune_teacher(self, teacher: Any, plan: Plan) -> tuple[Any, dict[str, float]]:
         from ..models.serialization import load_student, read_record, save_student
+        from .callbacks import FiniteLossGuard, ProgressBar, StopOnSignal, fmt_scores
         from .teacher import (
             cache_root,
             copy_for_training,
@@ -478,22 +482,33 @@ class Run:
                 rank=self.world.rank,
                 world_size=self.world.world_size,
             )
-            try:
-                bar = StepProgress(training.steps, 0, self._bar_console(), [], label="teacher")
-                with StopRequests() as stop, bar as progress:
-                    while trainer.step < training.steps:
-                        result = _finite_step(trainer, "the teacher's own")
-                        progress.update(result.step, result.loss, {})
-                        if self._stop_agreed(stop):
-                            raise Interrupted(
-                                f"interrupted by {stop.name()} during the teacher's own "
-                                f"training (step {result.step} of {training.steps}); nothing "
-                                "was saved: the next run trains the teacher again"
-                            )
-            finally:
-                trainer.finish()
+            fit(
+                trainer,
+                [
+                    FiniteLossGuard("the teacher's own"),
+                    ProgressBar(
+                        lambda: StepProgress(
+                            training.steps, 0, self._bar_console(), [], label="teacher"
+                        ),
+                        show_terms=False,
+                    ),
+                    *self._plugin_callbacks("teacher"),
+                    StopOnSignal(self._stop_agreed, before_end=False),
+                ],
+                LoopState(role="teacher", step=0, max_steps=training.steps, main=self.world.main),
+                LoopHost(
+                    evaluate=dict,
+                    checkpoint=None,
+                    evaluate_at_end=False,
+                    interrupted=lambda at, reason: Interrupted(
+                        f"interrupted by {reason} during the teacher's own training (step "
+                        f"{at.step} of {training.steps}); nothing was saved: the next run "
+                        "trains the teacher again"
+                    ),
+                ),
+            )
         scores = self._evaluate(model, plan.data, plan.tokenizer)
-        self.say(f"teacher trained in {time.perf_counter() - start:.0f}s: " + _fmt_scores(scores))
+        self.say(f"teacher trained in {time.perf_counter() - start:.0f}s: " + fmt_scores(scores))
         if self.world.main:
             save_student(
                 model,
@@ -679,6 +694,16 @@ class Run:
         teacher_eval: dict[str, float],
         state: dict[str, Any],
     ) -> dict[str, Any]:
+        from .callbacks import (
+            CheckpointSchedule,
+            EvaluationSchedule,
+            FaultInjection,
+            FiniteLossGuard,
+            MetricsLogger,
+            ProgressBar,
+            StopOnSignal,
+        )
+
         training = self.training
         run_dir = self.run_dir
         data, tokenizer = plan.data, plan.tokenizer
@@ -694,87 +719,85 @@ class Run:
         if metrics is not None and teacher_eval and not self.options.resume:
             metrics.write({"kind": "eval", "step": 0, "teacher": teacher_eval})
         top_terms = [c.path for c in self.resolved.root.children][:3]
-        student_eval: dict[str, float] = {}
-        evaluated_at = -1  # the student is always evaluated at the end
         saved_at = trainer.step if self.options.resume else -1
-        result = None
         extra = {"teacher_eval": teacher_eval}
+        loop = LoopState(
+            role="student",
+            step=trainer.step,
+            max_steps=training.steps,
+            run_dir=run_dir,
+            loss=state.get("final_loss"),
+            main_metric=MAIN_METRIC[data.task],
+            main=self.world.main,
+        )
 
-        def save() -> None:
+        def save() -> Path:
             nonlocal saved_at
             if saved_at != trainer.step:
-                extra["final_loss"] = result.loss if result is not None else None
+                extra["final_loss"] = loop.loss
                 rng = trainer.rank_rng_states()  # a collective: every process takes part
                 if self.world.main:
                     trainer.save(run_dir, {**extra, "rank_rng": rng})
                 self.world.barrier()
                 saved_at = trainer.step
             self.rundir.commit()
+            return run_dir / "checkpoint"
 
+        def interrupted(at: LoopState, reason: str) -> BaseException:
+            return Interrupted(
+                f"interrupted by {reason} at step {at.step} of {training.steps}: checkpoint "
+                f"saved in {run_dir / 'checkpoint'}; continue with: {self.resume_command()}"
+            )
+
+        host = LoopHost(
+            evaluate=lambda: self._evaluate(student, data, tokenizer),
+            checkpoint=save,
+            interrupted=interrupted,
+            checkpoint_at_end=bool(training.checkpoint_every),
+        )
+        callbacks = [
+            FiniteLossGuard("the student's"),
+            ProgressBar(
+                lambda: StepProgress(training.steps, trainer.step, self._bar_console(), top_terms)
+            ),
+            MetricsLogger(metrics, training.log_every, teacher_eval),
+            EvaluationSchedule(training.eval_every),
+            CheckpointSchedule(training.checkpoint_every),
+            *self._plugin_callbacks("student"),
+            FaultInjection(),
+            StopOnSignal(self._stop_agreed),
+        ]
         start = time.perf_counter()
-        bar = StepProgress(training.steps, trainer.step, self._bar_console(), top_terms)
-        try:
-            with StopRequests() as stop, bar as progress:
-                while trainer.step < training.steps:
-                    result = _finite_step(trainer, "the student's")
-                    step = result.step
-                    if self.world.main:
-                        progress.update(step, result.loss, result.terms)
-                        if step % training.log_every == 0 or step == training.steps:
-                            metrics.write(
-                                {
-                                    "kind": "train",
-                                    "step": step,
-                                    "loss": result.loss,
-                                    "lr": result.lr,
-                                    "grad_norm": result.grad_norm,
-                                    "terms": result.terms,
-                                    "elapsed_s": time.perf_counter() - start,
-                                }
-                            )
-                    if (training.eval_every and step % training.eval_every == 0) or (
-                        step == training.steps
-                    ):
-                        student_eval = self._evaluate(student, data, tokenizer)
-                        evaluated_at = step
-                        if self.world.main and student_eval:
-                            metrics.write(
-                                {
-                                    "kind": "eval",
-                                    "step": step,
-                                    "student": student_eval,
-                                    "teacher": teacher_eval,
-                                }
-                            )
-                            progress.note(f"step {step}: student {_fmt_scores(student_eval)}")
-                    periodic = training.checkpoint_every and step % training.checkpoint_every == 0
-                    if periodic or (training.checkpoint_every and step == training.steps):
-                        save()
-                    fault_point("after_step", step)
-                    fault_point("sigint_after_step", step)
-                    fault_point("sigterm_after_step", step)
-                    if self._stop_agreed(stop) and trainer.step < training.steps:
-                        save()
-                        raise Interrupted(
-                            f"interrupted by {stop.name()} at step {trainer.step} of "
-                            f"{training.steps}: checkpoint saved in {run_dir / 'checkpoint'}; "
-                            f"continue with: {self.resume_command()}"
-                        )
-        finally:
-            trainer.finish()
-        if evaluated_at != trainer.step:  # a resumed run with no step left to train
+        control = fit(trainer, callbacks, loop, host)
+        student_eval = loop.scores
+        if loop.evaluated_at != trainer.step:  # a resumed run with no step left to train
             student_eval = self._evaluate(student, data, tokenizer)
-        return {
+        summary = {
             "objective": str(self.path),
             "run_dir": str(run_dir),
             "steps": training.steps,
             "train_seconds": time.perf_counter() - start,
-            "final_loss": result.loss if result is not None else state.get("final_loss"),
+            "final_loss": loop.loss,
             "student": student_eval,
             "teacher": teacher_eval,
             "main_metric": MAIN_METRIC[data.task],
             "parameters": {k: v.as_dict() for k, v in models.parameters().items()},
         }
+        if control.should_stop and trainer.step < training.steps:
+            summary["stopped_at"] = trainer.step
+            summary["stop_reason"] = control.stop_reason
+            self.say(f"stopped at step {trainer.step} of {training.steps}: {control.stop_reason}")
+        return summary
+
+    def _plugin_callbacks(self, role: str) -> list[Any]:
+        """The callbacks ``training.callbacks`` lists, built from their configs, for the
+        loops of ``role``."""
+        out = []
+        for config in self.training.callbacks:
+            cls = self.registry.callback(config.type)
+            if role in cls.roles:
+                out.append(cls(config))
+        return out
 
     def _plan_report(self, plan: Plan) -> dict[str, Any]:
         training = self.training
@@ -826,18 +849,3 @@ def _pad_id(tokenizer: Any) -> int:
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
     return int(pad or 0)
-
-
-def _fmt_scores(scores: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) or "no validation data"
-
-
-def _finite_step(trainer: Trainer, whose: str) -> Any:
-    """One training step; a non-finite loss stops the run before it is saved or cached."""
-    result = trainer.train_step()
-    if not math.isfinite(result.loss):
-        raise RuntimeFailure(
-            f"{whose} loss is {result.loss} at step {result.step}: lower the learning rate, "
-            "check the data, or use fp32 (training.precision)"
-        )
-    return result

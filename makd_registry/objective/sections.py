@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..aspect import AspectNode
+from ..callbacks import CallbackNode
 from ..strict import StrictModel, raise_at
 
 
@@ -286,6 +287,12 @@ class TrainingSection(StrictModel):
         default=None,
         description="Cache the teacher's features ({} for the defaults): epochs after the "
         "first read them instead of running the teacher.",
+    )
+    callbacks: list[CallbackNode] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Plugin callbacks around the training steps, in order: "
+        "[{type: NAME, ...options}] (see `makd plugins`).",
     )
 
     @model_validator(mode="after")
