@@ -30,31 +30,31 @@ def _out() -> Console:
     return Console(highlight=False, soft_wrap=True, width=width)
 
 
-def _print_failures(registry: Any) -> None:
-    for failure in registry.failures:
+def _print_failures(plugins: Any) -> None:
+    for failure in plugins.failures:
         _err.print(f"warning: {failure.format()}", markup=False, style="yellow")
 
 
-def _registry(*, strict: bool = True) -> Any:
-    from .plugins import make_registry
+def _plugins(*, strict: bool = True) -> Any:
+    """The command's plugin set: the plugins are loaded once per command."""
+    from .plugins import load_plugins
 
-    return make_registry(strict=strict)
+    return load_plugins(strict=strict)
 
 
-def _load(path: str, registry: Any) -> Any:
-    from .models import make_architecture_registry
+def _load(path: str, plugins: Any) -> Any:
     from .objective import load_objective
 
-    return load_objective(path, registry, architectures=make_architecture_registry())
+    return load_objective(path, plugins.registry, architectures=plugins.architectures)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    registry = _registry()
-    _print_failures(registry)
+    plugins = _plugins()
+    _print_failures(plugins)
     status = ExitCode.OK
     for path in args.files:
         try:
-            resolved = _load(path, registry)
+            resolved = _load(path, plugins)
         except ObjectiveError as exc:
             for diag in exc.diagnostics:
                 _err.print(diag.format(), markup=False)
@@ -68,9 +68,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_dict, explain_tree
 
-    registry = _registry()
-    _print_failures(registry)
-    resolved = _load(args.file, registry)
+    plugins = _plugins()
+    _print_failures(plugins)
+    resolved = _load(args.file, plugins)
     if args.json:
         print(json.dumps(explain_dict(resolved), indent=2))
     elif args.resolved:
@@ -81,8 +81,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_aspects(args: argparse.Namespace) -> int:
-    registry = _registry(strict=False)
-    _print_failures(registry)
+    plugins = _plugins(strict=False)
+    _print_failures(plugins)
+    registry = plugins.registry
     rows = [
         {
             "name": entry.name,
@@ -111,18 +112,20 @@ def cmd_aspects(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .models import make_architecture_registry
-    from .plugins import make_plugin_manager, make_registry
-
-    pm = make_plugin_manager()
-    registry = make_registry(pm, strict=False)
-    architectures = make_architecture_registry(pm)
+    plugins_set = _plugins(strict=False)
+    registry, architectures = plugins_set.registry, plugins_set.architectures
     by_plugin: dict[str, list[str]] = {}
     for entry in registry:
         by_plugin.setdefault(entry.plugin.name, []).append(entry.name)
     arch_by_plugin: dict[str, list[str]] = {}
     for model_type, (_, info) in sorted(architectures.by_type.items()):
         arch_by_plugin.setdefault(info.name, []).append(model_type)
+    providers: dict[str, list[str]] = {}
+    for kind, entry in sorted(registry.providers.items()):
+        providers.setdefault(entry.plugin.name, []).append(kind)
+    callbacks: dict[str, list[str]] = {}
+    for name, entry in sorted(registry.callbacks.items()):
+        callbacks.setdefault(entry.plugin.name, []).append(name)
     plugins = [
         {
             "name": info.name,
@@ -132,12 +135,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             "module": info.module,
             "aspects": by_plugin.get(info.name, []),
             "architectures": arch_by_plugin.get(info.name, []),
+            "providers": providers.get(info.name, []),
+            "callbacks": callbacks.get(info.name, []),
         }
         for info in registry.plugins
     ]
     failures = [
         {"name": f.plugin, "distribution": f.distribution, "stage": f.stage, "error": f.error}
-        for f in [*registry.failures, *architectures.failures]
+        for f in plugins_set.failures
     ]
     print(json.dumps({"plugins": plugins, "failures": failures}, indent=2))
     return 0
@@ -189,10 +194,10 @@ def _run_table(summary: dict[str, Any]) -> Table:
 def cmd_student(args: argparse.Namespace) -> int:
     from .student_report import build_student_report
 
-    registry = _registry()
-    _print_failures(registry)
-    resolved = _load(args.file, registry)
-    report, models = build_student_report(resolved)
+    plugins = _plugins()
+    _print_failures(plugins)
+    resolved = _load(args.file, plugins)
+    report, models = build_student_report(resolved, plugins.architectures)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -243,9 +248,9 @@ def cmd_export_dense(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from .schema_export import objective_json_schema
 
-    registry = _registry()
-    _print_failures(registry)
-    text = json.dumps(objective_json_schema(registry), indent=2)
+    plugins = _plugins()
+    _print_failures(plugins)
+    text = json.dumps(objective_json_schema(plugins.registry), indent=2)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")

@@ -252,6 +252,13 @@ class FeatureSet:
     )
     _shared: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # read-only for aspects: the tables are views of copies
+        from types import MappingProxyType
+
+        for name in ("teacher_features", "student_features", "student_on_teacher_input"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
     def get(self, request: FeatureRequest) -> torch.Tensor:
         """The tensor for ``request``; a ``KeyError`` naming it when it was not captured."""
         key: tuple[Any, ...] = (request.feature, request.layer)

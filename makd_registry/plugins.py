@@ -19,6 +19,7 @@ import importlib.metadata as metadata
 import os
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
@@ -243,3 +244,33 @@ def make_registry(pm: MakdPluginManager | None = None, *, strict: bool = True) -
     if strict and conflicts:
         raise PluginConflictError("\n".join(f.error for f in conflicts))
     return registry
+
+
+@dataclass
+class PluginSet:
+    """Everything one command's plugins registered, loaded once: aspects, requirement
+    providers and callbacks (``registry``) and architecture adapters (``architectures``),
+    all through :func:`register_all`."""
+
+    manager: MakdPluginManager
+    registry: AspectRegistry
+    architectures: Any  # makd_registry.models.registry.ArchitectureRegistry
+
+    @property
+    def failures(self) -> list[PluginFailure]:
+        """Every plugin failure of the command (import, registration, conflict), once."""
+        out: list[PluginFailure] = []
+        for failure in [*self.registry.failures, *self.architectures.failures]:
+            if failure not in out:
+                out.append(failure)
+        return out
+
+
+def load_plugins(
+    *, strict: bool = True, extra: Iterable[Any] = (), entrypoints: bool | None = None
+) -> PluginSet:
+    """The plugin set of one command: one plugin manager, every registry built from it."""
+    from .models.registry import make_architecture_registry
+
+    pm = make_plugin_manager(extra, entrypoints=entrypoints)
+    return PluginSet(pm, make_registry(pm, strict=strict), make_architecture_registry(pm))

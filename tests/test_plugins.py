@@ -276,3 +276,35 @@ def test_the_teachers_own_loss_is_the_aspect_registered_as_the_task_loss():
     registry = make_registry(make_plugin_manager([Plugin], entrypoints=False))
     with pytest.raises(PluginError, match="exactly one.*'ce'.*'my_ce' \\(plugin 'Plugin'\\)"):
         registry.task_loss()
+
+
+@pytest.mark.parametrize("command", ["validate", "explain", "student", "run"])
+def test_each_command_loads_the_plugins_once(command, monkeypatch, tmp_path):
+    """One plugin manager per command; every registry is built from it."""
+    import makd_registry.plugins as plugins
+
+    calls = []
+    real = plugins.make_plugin_manager
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plugins, "make_plugin_manager", counted)
+    args = [command, "objectives/quickstart.yaml"]
+    if command == "run":
+        args += ["--dry-run", "--output", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert len(calls) == 1
+
+
+def test_aspects_cannot_change_the_features_they_are_given():
+    import torch
+
+    from makd_registry import Feature, FeatureSet
+
+    features = FeatureSet(student_features={(Feature.LOGITS, None): torch.zeros(2, 3)})
+    with pytest.raises(TypeError):
+        features.student_features[(Feature.LOGITS, None)] = torch.ones(2, 3)
+    with pytest.raises(TypeError):
+        features.teacher_features[(Feature.GENERATED, None)] = torch.ones(2)

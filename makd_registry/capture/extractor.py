@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..features import FeatureSet, ModelInfo
+from ..features import Feature, FeatureSet, ModelInfo
 from ..models.adapter import ArchitectureAdapter, ArchitectureError
 from .hooks import ModelCapture
 from .plan import CapturePlan
@@ -44,8 +44,13 @@ class FeatureExtractor:
         student_adapter: ArchitectureAdapter,
         teacher: nn.Module | None = None,
         teacher_adapter: ArchitectureAdapter | None = None,
+        *,
+        span_logits: bool = False,
     ) -> None:
         self.plan = plan
+        #: extractive QA: (B, 2, T) start/end logits, padded positions set to -1e4 on both
+        #: sides before any aspect sees them
+        self.span_logits = span_logits
         self.student_info = student_adapter.model_info(student.config)
         self.teacher_info: ModelInfo | None = None
         teacher_pair = None
@@ -125,6 +130,13 @@ class FeatureExtractor:
             (feature, s, t): cap.apply_module(feature, s, t_inputs[(feature, t)])
             for feature, s, t in self._on_teacher
         }
+        t_feats = dict(t_feats)
+        for feature, column in BATCH_COLUMNS.items():  # features the data carries
+            if column in batch:
+                t_feats[(feature, None)] = batch[column]
+        if self.span_logits:
+            _mask_span_logits(t_feats, inputs.get("attention_mask"))
+            _mask_span_logits(s_feats, inputs.get("attention_mask"))
         features = FeatureSet(
             teacher_features=t_feats,
             student_features=s_feats,
@@ -137,3 +149,15 @@ class FeatureExtractor:
             student_info=self.student_info,
         )
         return features, outputs
+
+
+#: features that the training data carries as a column instead of a capture: the
+#: teacher's generated targets, written by a requirement provider (e.g. SeqKD's)
+BATCH_COLUMNS = {Feature.GENERATED: "generated"}
+
+
+def _mask_span_logits(table: dict[Any, Any], mask: Any) -> None:
+    """Padded positions of QA start/end logits get a large negative value."""
+    key = (Feature.LOGITS, None)
+    if mask is not None and key in table and table[key].dim() == 3:
+        table[key] = table[key].masked_fill(~mask.bool()[:, None, :], -1e4)

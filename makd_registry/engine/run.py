@@ -108,16 +108,14 @@ class Run:
     """One ``makd run``."""
 
     def __init__(self, path: str | Path, options: RunOptions, console: Console) -> None:
-        from ..models import make_architecture_registry
         from ..objective import load_objective
-        from ..plugins import make_plugin_manager, make_registry
+        from ..plugins import load_plugins
 
         self.path = Path(path)
         self.options = options
         self.console = console
-        pm = make_plugin_manager()
-        self.registry = make_registry(pm)
-        self.architectures = make_architecture_registry(pm)
+        self.plugins = load_plugins()  # once per command
+        self.registry, self.architectures = self.plugins.registry, self.plugins.architectures
         self.resolved = load_objective(
             self.path, self.registry, architectures=self.architectures, overrides=options.overrides
         )

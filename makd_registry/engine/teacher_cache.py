@@ -9,7 +9,7 @@ directory and memory-mapped; from then on a batch's teacher features are assembl
 
 For language models ``top_k`` keeps only the k largest teacher logits per token, handed to
 the aspects as :class:`~makd_registry.features.TopKLogits`: the teacher distribution becomes
-its top-k renormalised (an approximation, off by default). ``logits_kd``'s forward KL reads
+its top-k renormalised (an approximation, off by default). The logits KD's forward KL reads
 the k entries directly; an aspect that asks for the dense logits gets them with every other
 entry at a large negative value.
 """

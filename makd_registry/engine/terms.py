@@ -1,4 +1,4 @@
-"""Per-term loss values under their hierarchical names (``makd/layerwise/attention_kl``)."""
+"""Per-term loss values under their hierarchical names (``makd/layerwise/hidden``)."""
 
 from __future__ import annotations
 

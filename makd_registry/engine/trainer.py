@@ -23,7 +23,6 @@ from torch import nn
 from ..capture import CapturePlan
 from ..capture.extractor import FeatureExtractor, model_inputs
 from ..data.collate import collate
-from ..features import Feature
 from ..losses import global_mean_scope
 from ..objective.build import build_objective, third_party_failure
 from ..weighting import weighted_loss
@@ -122,6 +121,7 @@ class Trainer:
                 self.student_adapter,
                 self.teacher if plan.needs_teacher_forward else None,
                 self.teacher_adapter if plan.needs_teacher_forward else None,
+                span_logits=self.is_qa,
             )
             if self.training.compile:
                 # hooks stay on the student's modules; the forward runs compiled
@@ -231,10 +231,6 @@ class Trainer:
             teacher = self._teacher_from_cache(fx, batch)
             with self.autocast(), self._scope():
                 features, _ = fx(batch, step=self.step, teacher_features=teacher)
-                if "generated" in batch:  # the SeqKD pass's teacher targets
-                    features.teacher_features[(Feature.GENERATED, None)] = batch["generated"]
-                if self.is_qa:
-                    _mask_qa_logits(features)
                 try:
                     loss = weighted_loss(self.root, features)
                 except Exception as exc:  # a third-party aspect's bug is a plugin failure
@@ -387,15 +383,3 @@ class Trainer:
         self._refill_teacher_cache()
         self.close()
         return state
-
-
-def _mask_qa_logits(features: Any) -> None:
-    """Padded positions of QA start/end logits get a large negative value on both sides."""
-    mask = features.attention_mask
-    if mask is None:
-        return
-    for table in (features.teacher_features, features.student_features):
-        key = (Feature.LOGITS, None)
-        if key in table and table[key].dim() == 3:
-            logits = table[key]
-            table[key] = logits.masked_fill(~mask.bool()[:, None, :], -1e4)

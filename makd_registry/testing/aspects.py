@@ -251,8 +251,9 @@ def check_aspect_invariants(
     Checked: the loss is a finite scalar ≥ 0; exactly 0 when the student's features equal
     the teacher's (``zero_when_equal``; needs same shapes and identity alignment);
     invariant to the content of padded positions and to the batch order; linear in its
-    weight (through ``sum``); finite loss and gradients for extreme values (×1e4) and for
-    fp16/bf16 inputs; padded positions of student features receive zero gradient.
+    weight (through ``weighting.weighted_loss``); finite loss and gradients for extreme
+    values (×1e4) and for fp16/bf16 inputs; padded positions of student features receive
+    zero gradient.
     """
     import copy
 
