@@ -1,18 +1,24 @@
 """``makd run``: from an objective file to a trained student, metrics and plots.
 
-A run has two phases.
+A run is **plan → setup → train → finish**.
 
 **Plan** (:meth:`Run.plan`), which writes nothing: resolve the file; check the run directory
 (writable; empty, ``--overwrite`` or a ``--resume`` whose objective is unchanged); load the
 tokenizers and the data and check them; build the teacher (the cached fine-tuned one when
 there is one) and the student; check vocabularies, the capture plan, every aspect against
-the models' shapes, the batch against the data, and the memory estimate against the machine.
-Any problem stops the run here with its exit code, before anything is written.
+the models' shapes, every requirement against its provider, the batch against the data, and
+the memory estimate against the machine. Any problem stops the run here with its exit
+code, before anything is written.
 
-**Act**: train the teacher when ``teacher.finetune`` asks and it is not cached (writing only
-the cache), run the SeqKD pass, then open the run directory (moving a previous run aside for
-``--overwrite``), train with evaluation, atomic checkpoints and stop requests (SIGINT/SIGTERM
-save a checkpoint and exit 130), and write the student, ``metrics.jsonl``, plots and
+**Setup** (:meth:`Run.setup`): train the teacher when ``teacher.finetune`` asks and it is
+not cached (through the same loop as the student, writing only the cache), and serve the
+requirements' providers (e.g. SeqKD's generation pass).
+
+**Train** (:meth:`Run.train`): open the run directory (moving a previous run aside for
+``--overwrite``) and run :func:`~makd_registry.engine.loop.fit`, whose callbacks log,
+evaluate, write atomic checkpoints and turn SIGINT/SIGTERM into a checkpoint and exit 130.
+
+**Finish** (:meth:`Run.finish`): write the student, its alignment maps, the plots and
 ``summary.json``.
 """
 
@@ -102,6 +108,17 @@ def _bf16(training: TrainingSection, device: torch.device) -> bool:
     if training.precision == "bf16":
         return True
     return training.precision == "auto" and device.type == "cuda"
+
+
+@dataclass
+class Setup:
+    """What :meth:`Run.setup` prepared for training."""
+
+    plan: Plan
+    models: Any
+    student: Any
+    teacher: Any
+    teacher_eval: dict[str, float]
 
 
 class Run:
@@ -194,6 +211,12 @@ class Run:
         plan = self.plan()
         if self.options.dry_run:
             return self._plan_report(plan)
+        return self.train(self.setup(plan))
+
+    def setup(self, plan: Plan) -> Setup:
+        """After the plan: the teacher (trained through the same loop, or read from the
+        cache), the student built from it, the providers' requirements served, the models
+        placed. Writes nothing in the run directory."""
         teacher, teacher_eval = self._teacher(plan)
         models = plan.models
         if teacher is not plan.teacher:  # trained now: build the student from it
@@ -207,7 +230,7 @@ class Run:
                 p.requires_grad_(False)
             if self.bf16 and self.device.type == "cuda":  # memory; on the CPU autocast alone
                 teacher.to(torch.bfloat16)
-        return self._train(plan, models, student, teacher, teacher_eval or plan.teacher_eval)
+        return Setup(plan, models, student, teacher, teacher_eval or plan.teacher_eval)
 
     # -- plan ----------------------------------------------------------------------------
 
@@ -602,16 +625,11 @@ class Run:
             files[OVERRIDES] = "".join(f"--set {o}\n" for o in self.options.overrides)
         return record, files
 
-    def _train(
-        self,
-        plan: Plan,
-        models: Any,
-        student: Any,
-        teacher: Any,
-        teacher_eval: dict[str, float],
-    ) -> dict[str, Any]:
-        from ..models.serialization import save_student
-
+    def train(self, setup: Setup) -> dict[str, Any]:
+        """Distil: the trainer (resumed, or seeded afresh), then :func:`fit` inside the run
+        directory's transaction, then :meth:`finish`."""
+        plan, models, student, teacher = setup.plan, setup.models, setup.student, setup.teacher
+        teacher_eval = setup.teacher_eval
         training = self.training
         run_dir = self.run_dir
         data, tokenizer = plan.data, plan.tokenizer
@@ -653,34 +671,36 @@ class Run:
                 )
                 self.say(f"resumed from step {trainer.step} ({run_dir / 'checkpoint'}){note}")
             summary = self._loop(trainer, plan, models, student, teacher, teacher_eval, state)
-            if self.world.main:
-                save_student(
-                    student,
-                    run_dir / STUDENT,
-                    tokenizer=tokenizer,
-                    record={
-                        "recipe": models.recipe,
-                        "objective": str(self.path),
-                        "eval": summary["student"],
-                        "teacher_eval": summary["teacher"],
-                    },
-                )
-                if len(list(trainer.modules.parameters())):
-                    from safetensors.torch import save_model
-
-                    save_model(
-                        trainer.modules, str(run_dir / STUDENT / "aspect_modules.safetensors")
-                    )
-                from .plots import plot_run
-
-                summary["plots"] = [
-                    str(p) for p in plot_run(read_metrics(run_dir / METRICS), run_dir)
-                ]
-                (run_dir / SUMMARY).write_text(
-                    json.dumps(summary, indent=2) + "\n", encoding="utf-8"
-                )
-            self.world.barrier()
+            self.finish(setup, trainer, summary)
         return summary
+
+    def finish(self, setup: Setup, trainer: Trainer, summary: dict[str, Any]) -> None:
+        """The run's outputs (main process): the student and its alignment maps, the
+        plots, ``summary.json`` (written last: a run with a summary is finished)."""
+        from ..models.serialization import save_student
+
+        run_dir = self.run_dir
+        if self.world.main:
+            save_student(
+                setup.student,
+                run_dir / STUDENT,
+                tokenizer=setup.plan.tokenizer,
+                record={
+                    "recipe": setup.models.recipe,
+                    "objective": str(self.path),
+                    "eval": summary["student"],
+                    "teacher_eval": summary["teacher"],
+                },
+            )
+            if len(list(trainer.modules.parameters())):
+                from safetensors.torch import save_model
+
+                save_model(trainer.modules, str(run_dir / STUDENT / "aspect_modules.safetensors"))
+            from .plots import plot_run
+
+            summary["plots"] = [str(p) for p in plot_run(read_metrics(run_dir / METRICS), run_dir)]
+            (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        self.world.barrier()
 
     def _loop(
         self,
