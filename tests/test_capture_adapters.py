@@ -217,3 +217,13 @@ def test_gpt2_per_layer_attention_scaling_is_refused(registry):
     config = tiny_config("gpt2", scale_attn_by_inverse_layer_idx=True)
     with pytest.raises(ArchitectureError, match="scale_attn_by_inverse_layer_idx"):
         registry.for_config(config)
+
+
+def test_every_feature_kind_has_exactly_one_source():
+    """One table says where each kind is captured; the data-carried kinds are listed apart."""
+    from makd_registry.capture.extractor import BATCH_COLUMNS
+    from makd_registry.capture.hooks import CAPTURED_AT
+    from makd_registry.features import Feature
+
+    for feature in Feature:
+        assert (feature in CAPTURED_AT) != (feature in BATCH_COLUMNS), feature

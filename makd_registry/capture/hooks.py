@@ -12,6 +12,8 @@ in fp32 (then cast back).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,13 +26,6 @@ from .plan import INPUT_ROLE, OUTPUT_ROLE, SidePlan
 # raw capture keys: ("out", role, layer) | ("in", role, layer) | ("layer_out", layer)
 #                   | ("layer_in", layer) | ("final",) | ("attn_call", layer)
 RawKey = tuple[Any, ...]
-
-_ATTENTION = {
-    Feature.ATTENTION_QUERY,
-    Feature.ATTENTION_KEY,
-    Feature.ATTENTION_VALUE,
-    Feature.ATTENTION_PROBS,
-}
 
 
 class ModelCapture:
@@ -67,36 +62,28 @@ class ModelCapture:
         return "ffn_gate" if self.adapter.layout.gated else "ffn_in"
 
     def raw_needs(self) -> set[RawKey]:
-        """The raw module inputs/outputs this plan needs."""
+        """The raw module inputs/outputs this plan needs (:data:`CAPTURED_AT`)."""
         need: set[RawKey] = set()
-        last = len(self.layers) - 1
         for feature, layer in self.plan.features:
-            if feature is Feature.EMBEDDINGS:
-                need.add(("layer_in", 0))
-            elif feature is Feature.HIDDEN:
-                assert layer is not None
-                final = layer == last and self.final_norm is not None
-                need.add(("final",) if final else ("layer_out", layer))
-            elif feature in _ATTENTION:
-                roles = {  # queries and keys are rotated together
-                    Feature.ATTENTION_QUERY: ("q", "k"),
-                    Feature.ATTENTION_KEY: ("q", "k"),
-                    Feature.ATTENTION_VALUE: ("v",),
-                    Feature.ATTENTION_PROBS: ("q", "k"),
-                }[feature]
-                for role in roles:
-                    need.add(("out", self._qkv_role(role), layer))
-                if self.adapter.rope and feature is not Feature.ATTENTION_VALUE:
-                    need.add(("attn_call", layer))
-            elif feature is Feature.FFN_INTERMEDIATE:
-                need.add(("in", "ffn_out", layer))
-            elif feature in OUTPUT_ROLE:
-                need.add(("out", self._qkv_role(OUTPUT_ROLE[feature]), layer))
+            need.update(CAPTURED_AT[feature].needs(self, layer))
         for feature, layer in self.plan.module_inputs:
-            role = INPUT_ROLE[feature]
-            role = self._ffn_input_role() if role in ("ffn_in", "ffn_gate", "ffn_up") else role
-            need.add(("in", self._qkv_role(role), layer))
+            need.add(self._module_input_key(feature, layer))
         return need
+
+    def _module_input_key(self, feature: Feature, layer: int) -> RawKey:
+        role = INPUT_ROLE[feature]
+        role = self._ffn_input_role() if role in ("ffn_in", "ffn_gate", "ffn_up") else role
+        return ("in", self._qkv_role(role), layer)
+
+    def _hidden_key(self, layer: int | None) -> RawKey:
+        assert layer is not None
+        final = layer == len(self.layers) - 1 and self.final_norm is not None
+        return ("final",) if final else ("layer_out", layer)
+
+    def _qk_keys(self, layer: int | None) -> list[RawKey]:
+        """Queries and keys are captured (and rotated) together."""
+        keys: list[RawKey] = [("out", self._qkv_role(r), layer) for r in ("q", "k")]
+        return keys + ([("attn_call", layer)] if self.adapter.rope else [])
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -207,48 +194,18 @@ class ModelCapture:
         self, outputs: Any, attention_mask: torch.Tensor | None
     ) -> dict[tuple[Feature, int | None], torch.Tensor]:
         """The plan's features from the last forward (then the recorded tensors are freed)."""
-        d = self.info.head_dim or self.info.hidden_size // self.info.num_heads
-        last = len(self.layers) - 1
-        out: dict[tuple[Feature, int | None], torch.Tensor] = {}
-        qk_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for feature, layer in self._features:
-            if feature is Feature.EMBEDDINGS:
-                value = self._raw(("layer_in", 0))
-            elif feature is Feature.HIDDEN:
-                assert layer is not None
-                final = layer == last and self.final_norm is not None
-                value = self._raw(("final",) if final else ("layer_out", layer))
-            elif feature is Feature.LOGITS:
-                value = logits_of(outputs)
-            elif feature in (Feature.ATTENTION_QUERY, Feature.ATTENTION_KEY):
-                assert layer is not None
-                if layer not in qk_cache:
-                    qk_cache[layer] = self._query_key(layer)
-                value = qk_cache[layer][0 if feature is Feature.ATTENTION_QUERY else 1]
-            elif feature is Feature.ATTENTION_VALUE:
-                assert layer is not None
-                value = self.adapter.heads_of(self.projection("v", layer), d)
-            elif feature is Feature.ATTENTION_PROBS:
-                assert layer is not None
-                value = self.attention_probs(layer, attention_mask)
-            elif feature is Feature.FFN_INTERMEDIATE:
-                value = self._raw(("in", "ffn_out", layer))
-            elif feature in OUTPUT_ROLE:
-                assert layer is not None
-                value = self.projection(OUTPUT_ROLE[feature], layer)
-            else:  # pragma: no cover - GENERATED never reaches a SidePlan's features
-                raise ValueError(f"cannot capture {feature.value}")
-            out[(feature, layer)] = value
-        return out
+        forward = _Forward(self, outputs, attention_mask)
+        return {
+            (feature, layer): CAPTURED_AT[feature].value(self, layer, forward)
+            for feature, layer in self._features
+        }
 
     def module_inputs(self) -> dict[tuple[Feature, int], torch.Tensor]:
         """Teacher side: the recorded module inputs, keyed (feature, teacher layer)."""
-        out = {}
-        for feature, layer in self.plan.module_inputs:
-            role = INPUT_ROLE[feature]
-            role = self._ffn_input_role() if role in ("ffn_in", "ffn_gate", "ffn_up") else role
-            out[(feature, layer)] = self._raw(("in", self._qkv_role(role), layer))
-        return out
+        return {
+            (feature, layer): self._raw(self._module_input_key(feature, layer))
+            for feature, layer in self.plan.module_inputs
+        }
 
     def clear(self) -> None:
         self._store.clear()
@@ -312,3 +269,66 @@ def _describe(key: RawKey) -> str:
     if kind == "attn_call":
         return f"the attention call at layer {key[1]}"
     return f"the {'output' if kind == 'layer_out' else 'input'} of layer {key[1]}"
+
+
+class _Forward:
+    """One forward's outputs and mask; queries and keys computed once per layer."""
+
+    def __init__(self, cap: ModelCapture, outputs: Any, mask: torch.Tensor | None) -> None:
+        self.outputs, self.mask = outputs, mask
+        self.head_dim = cap.info.head_dim or cap.info.hidden_size // cap.info.num_heads
+        self._cap = cap
+        self._qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def query_key(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self._qk:
+            self._qk[layer] = self._cap._query_key(layer)
+        return self._qk[layer]
+
+
+@dataclass(frozen=True)
+class CaptureSource:
+    """Where one feature kind is captured: the raw hook points it needs at a layer, and
+    how its tensor is made from what they recorded."""
+
+    needs: Callable[[ModelCapture, int | None], list[RawKey]]
+    value: Callable[[ModelCapture, int | None, _Forward], torch.Tensor]
+
+
+def _projection_source(role: str) -> CaptureSource:
+    return CaptureSource(
+        lambda c, layer: [("out", c._qkv_role(role), layer)],
+        lambda c, layer, f: c.projection(role, layer),
+    )
+
+
+#: The one table from each captured feature kind to where it comes from. ``GENERATED`` is
+#: not captured: the training data carries it (``extractor.BATCH_COLUMNS``).
+CAPTURED_AT: dict[Feature, CaptureSource] = {
+    Feature.EMBEDDINGS: CaptureSource(
+        lambda c, layer: [("layer_in", 0)], lambda c, layer, f: c._raw(("layer_in", 0))
+    ),
+    Feature.HIDDEN: CaptureSource(
+        lambda c, layer: [c._hidden_key(layer)], lambda c, layer, f: c._raw(c._hidden_key(layer))
+    ),
+    Feature.LOGITS: CaptureSource(lambda c, layer: [], lambda c, layer, f: logits_of(f.outputs)),
+    Feature.ATTENTION_QUERY: CaptureSource(
+        lambda c, layer: c._qk_keys(layer), lambda c, layer, f: f.query_key(layer)[0]
+    ),
+    Feature.ATTENTION_KEY: CaptureSource(
+        lambda c, layer: c._qk_keys(layer), lambda c, layer, f: f.query_key(layer)[1]
+    ),
+    Feature.ATTENTION_VALUE: CaptureSource(
+        lambda c, layer: [("out", c._qkv_role("v"), layer)],
+        lambda c, layer, f: c.adapter.heads_of(c.projection("v", layer), f.head_dim),
+    ),
+    Feature.ATTENTION_PROBS: CaptureSource(
+        lambda c, layer: c._qk_keys(layer),
+        lambda c, layer, f: c.attention_probs(layer, f.mask),
+    ),
+    Feature.FFN_INTERMEDIATE: CaptureSource(
+        lambda c, layer: [("in", "ffn_out", layer)],
+        lambda c, layer, f: c._raw(("in", "ffn_out", layer)),
+    ),
+    **{feature: _projection_source(role) for feature, role in OUTPUT_ROLE.items()},
+}
