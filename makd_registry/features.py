@@ -188,6 +188,9 @@ class TopKLogits:
     values: torch.Tensor
     indices: torch.Tensor
     vocab: int
+    #: ``values.shape[:-1]``: the log of the teacher's probability mass outside the top k
+    #: at temperature 1 (``-inf``: none); None when unknown (the top k renormalised)
+    log_residual: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if tuple(self.values.shape) != tuple(self.indices.shape):

@@ -708,12 +708,15 @@ def _kd_blocks(
     grad: torch.Tensor | None,
     scale: float | torch.Tensor,
     ce: tuple[torch.Tensor, torch.Tensor] | None = None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ over the valid rows of the KL between ``(N, V)`` logits, block by block (rows read
     as slices); with ``grad``, its gradient ``scale·(p_S − p_T)`` (forward) or
     ``scale·p_S ⊙ (log p_S − log p_T − KL_row)`` (reverse) is written into the valid rows.
     With ``indices`` the teacher is its top-k logits ``(N, k)``, renormalised over them (the
-    forward KL only). With ``ce`` = (targets, CE-valid) per row, at τ 1, also
+    forward KL only); with ``residual`` (N,), the log of the teacher's probability mass
+    outside them, that mass is kept as one bucket (:func:`kd_divergence`). With ``ce`` =
+    (targets, CE-valid) per row, at τ 1, also
     Σ −log p_S[target] over the CE-valid rows among them (read off the same log-softmax).
     Returns both sums."""
     total = torch.zeros((), dtype=torch.float32, device=student.device)
@@ -729,7 +732,9 @@ def _kd_blocks(
         ls = ls.clamp_min_(MASK_VALUE)
         lt = F.log_softmax(t, dim=-1).clamp_min_(MASK_VALUE)
         out = None if grad is None else grad[a:b]  # written in place, never copied
-        if indices is not None:
+        if indices is not None and residual is not None:
+            total += _bucket_block(ls, lt, indices[a:b].long(), residual[a:b], out, scale)
+        elif indices is not None:
             pt = lt.exp()
             idx = indices[a:b].long()
             total += (pt * (lt - ls.gather(1, idx))).sum()
@@ -755,6 +760,35 @@ def _kd_blocks(
     return total, nll
 
 
+def _bucket_block(
+    ls: torch.Tensor,
+    lt_top: torch.Tensor,
+    idx: torch.Tensor,
+    log_residual: torch.Tensor,
+    out: torch.Tensor | None,
+    scale: float | torch.Tensor,
+) -> torch.Tensor:
+    """Σ over the block's rows of KL(p_T ‖ p_S) over the top-k support plus one residual
+    bucket. ``ls``: the student's log-probabilities (n, V); ``lt_top``: log-softmax of the
+    teacher's k kept logits (n, k); ``log_residual`` (n,): log r_T, the teacher's mass
+    outside them (−inf: none). With ``out``, writes ``scale·(p_S − p̃_T)`` into it, where
+    p̃_T is p_T on the support and r_T·p_S/r_S off it."""
+    r_t = log_residual.float().exp()[:, None]
+    lt = lt_top + torch.log1p(-r_t).clamp_min(MASK_VALUE)  # the teacher's true log-probs
+    pt = lt.exp()
+    ps = ls.exp() if out is None else torch.exp(ls, out=out)
+    ps_top = ps.gather(1, idx)
+    ps.scatter_(1, idx, 0.0)  # the student's probabilities off the support
+    r_s = ps.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    support = (pt * (lt - ls.gather(1, idx))).sum()
+    bucket = torch.where(r_t > 0, r_t * (log_residual.float()[:, None] - r_s.log()), 0.0).sum()
+    if out is not None:
+        out.mul_(1.0 - r_t / r_s)
+        out.scatter_(1, idx, ps_top - pt)
+        out.mul_(scale)
+    return support + bucket
+
+
 class _FusedLogitLosses(torch.autograd.Function):
     """The KD divergence over ``(N, V)`` logits (dense or top-k teacher) and, optionally,
     the student's CE on the same rows' targets, in one blocked pass: the student's gradient
@@ -769,7 +803,7 @@ class _FusedLogitLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, student, teacher, indices, runs, block, temperature, reverse, denominator, ce
+        ctx, student, teacher, indices, runs, block, temperature, reverse, denominator, ce, residual
     ):
         ctx.set_materialize_grads(False)
         grad = _grad_buffer(student, runs)
@@ -785,6 +819,7 @@ class _FusedLogitLosses(torch.autograd.Function):
             grad,
             temperature / denominator,
             ride,
+            residual,
         )
         kd = total * (temperature**2) / denominator
         ctx.ce = ce
@@ -816,7 +851,7 @@ class _FusedLogitLosses(torch.autograd.Function):
                 out.add_(F.softmax(student[a:b].float(), dim=-1).mul_(factor))
                 y = targets[a:b].long()[:, None]
                 out.scatter_add_(1, y, (-factor).expand(y.shape).to(out.dtype))
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def _subtract(runs: list[tuple[int, int]], cover: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -955,6 +990,7 @@ def kd_divergence(
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     teacher_indices: torch.Tensor | None = None,
+    teacher_log_residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Temperature-scaled divergence between teacher and student output distributions.
 
@@ -989,12 +1025,21 @@ def kd_divergence(
             reads the k entries only (no row of V for the teacher) and equals the dense
             computation with every other teacher logit at a very large negative value;
             the reverse KL and JSD use exactly that dense form.
+        teacher_log_residual: with ``teacher_indices``, ``logits.shape[:-1]``: the log of the
+            teacher's probability mass outside its top k (at temperature 1; ``-inf`` where
+            there is none). The mass is then kept as one bucket instead of renormalising:
+            :math:`\tau^2[\sum_{i \in S} p_T(i)\,(\log p_T(i) - \log p_S(i))
+            + r_T(\log r_T - \log r_S)]`, with :math:`p_T(i)` the teacher's true
+            probabilities on the support :math:`S`, :math:`r_T` its residual and
+            :math:`r_S` the student's mass outside :math:`S`. With k = V (or
+            :math:`r_T = 0`) it is the full KD. The forward KL at ``temperature`` 1 only.
 
     Returns:
         Scalar fp32: the mean over examples / valid tokens (``0`` when there is none). Logits
         of masked rows are never read (they get exactly zero gradient); ``-inf`` logits are
         allowed (their log-probability is floored at :data:`MASK_VALUE`).
     """
+    _check_residual(teacher_log_residual, teacher_logits, teacher_indices, temperature, kind)
     teacher_logits, teacher_indices = _kd_inputs(
         student_logits, teacher_logits, teacher_indices, temperature, kind, beta, chunk_size
     )
@@ -1008,7 +1053,32 @@ def kd_divergence(
         mask,
         chunk_size,
         None,
+        teacher_log_residual,
     )[0]
+
+
+def _check_residual(
+    residual: torch.Tensor | None,
+    teacher_logits: torch.Tensor,
+    teacher_indices: torch.Tensor | None,
+    temperature: float,
+    kind: str,
+) -> None:
+    if residual is None:
+        return
+    if teacher_indices is None:
+        raise ValueError("teacher_log_residual needs a top-k teacher (teacher_indices)")
+    if tuple(residual.shape) != tuple(teacher_logits.shape[:-1]):
+        raise ValueError(
+            f"teacher_log_residual must have shape {tuple(teacher_logits.shape[:-1])}, got "
+            f"{tuple(residual.shape)}"
+        )
+    if kind != "forward" or temperature != 1.0:
+        raise ValueError(
+            "the residual bucket applies to the forward KL at temperature 1 (the teacher's "
+            f"mass outside its top k is known at temperature 1), got kind={kind!r}, "
+            f"temperature={temperature}"
+        )
 
 
 def _kd(
@@ -1021,6 +1091,7 @@ def _kd(
     mask: torch.Tensor | None,
     chunk_size: int | None,
     ce: tuple[torch.Tensor, torch.Tensor] | None,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The KD value and, with ``ce`` = (targets, valid) per row, the student's CE on them:
     from one fused pass when the KD is a KL whose teacher needs no gradient and the student
@@ -1039,6 +1110,7 @@ def _kd(
     if teacher_indices is not None:
         idx_rows = teacher_indices.reshape(-1, t_rows.shape[-1])
         _check_top_k(t_rows, idx_rows, vocab)
+    res_rows = None if residual is None else residual.reshape(-1).to(s_rows.device)
     block = _block_rows(vocab, chunk_size)
 
     fused = (
@@ -1065,11 +1137,14 @@ def _kd(
             kind == "reverse",
             denominator,
             spec,
+            res_rows,
         )
         return kd, (ce_value if ce is not None else None)
     ce_value = None if ce is None else _cross_entropy_rows(student_logits, *ce)
     if idx_rows is not None:  # forward KL from a top-k teacher, no gradient needed
-        total, _ = _kd_blocks(s_rows, t_rows, idx_rows, runs, block, temperature, False, None, 1.0)
+        total, _ = _kd_blocks(
+            s_rows, t_rows, idx_rows, runs, block, temperature, False, None, 1.0, None, res_rows
+        )
         return total * (temperature**2) / denominator, ce_value
     index = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)
     if chunk_size is None or n_rows <= chunk_size:
@@ -1109,6 +1184,7 @@ def kd_and_cross_entropy(
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     teacher_indices: torch.Tensor | None = None,
+    teacher_log_residual: torch.Tensor | None = None,
     ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kd_divergence(...), CE)`` of the same student logits in one pass over them.
@@ -1125,6 +1201,7 @@ def kd_and_cross_entropy(
         ce = _next_token_targets(student_logits, labels, mask, ignore_index)
     else:
         ce = _ce_targets(student_logits, labels, mask, ignore_index)
+    _check_residual(teacher_log_residual, teacher_logits, teacher_indices, temperature, kind)
     teacher_logits, teacher_indices = _kd_inputs(
         student_logits, teacher_logits, teacher_indices, temperature, kind, beta, chunk_size
     )
@@ -1138,6 +1215,7 @@ def kd_and_cross_entropy(
         mask,
         chunk_size,
         ce,
+        teacher_log_residual,
     )
     assert ce_value is not None
     return kd, ce_value

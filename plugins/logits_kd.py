@@ -114,8 +114,11 @@ class LogitsKD(Aspect):
         c = self.config
         z_s = features.student(Feature.LOGITS)
         top_k = features.teacher_top_k(Feature.LOGITS)  # from a top-k teacher cache
+        residual = None
         if top_k is not None:
             z_t, ids = top_k.values, top_k.indices
+            if c.temperature == 1.0 and c.divergence == "forward":
+                residual = top_k.log_residual  # known at τ 1: the rest is one bucket
         else:
             z_t, ids = features.teacher(Feature.LOGITS), None
         mask = _token_mask(z_s, features.attention_mask)
@@ -126,6 +129,7 @@ class LogitsKD(Aspect):
             "mask": mask,
             "chunk_size": c.chunk_size,
             "teacher_indices": ids,
+            "teacher_log_residual": residual,
         }
         if not _ce_from_the_same_pass(features, z_s, c):
             kd = kd_divergence(z_s, z_t, **options)

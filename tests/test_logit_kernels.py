@@ -355,3 +355,85 @@ def test_kd_and_ce_refuse_a_second_backward_and_bad_labels():
         (kd + ce).backward()
     with pytest.raises(ValueError, match="labels"):
         losses.kd_and_cross_entropy(s, t, torch.zeros(2, 4, dtype=torch.long), next_token=True)
+
+
+# -- a top-k teacher with its residual mass as one bucket -------------------------------------
+
+
+def _bucket_reference(s, t_full, ids, valid):
+    """KL between the bucketed distributions (the top-k support plus one bucket holding the
+    rest), the teacher's from its full logits, by plain autograd."""
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t_full, -1)
+    off = torch.ones_like(s, dtype=torch.bool).scatter(-1, ids, False)
+    ls_rest = torch.logsumexp(ls.masked_fill(~off, float("-inf")), -1)
+    lt_rest = torch.logsumexp(lt.masked_fill(~off, float("-inf")), -1)
+    lt_s, ls_s = lt.gather(-1, ids), ls.gather(-1, ids)
+    rows = (lt_s.exp() * (lt_s - ls_s)).sum(-1)
+    rows = rows + torch.where(lt_rest > float("-inf"), lt_rest.exp() * (lt_rest - ls_rest), 0.0)
+    return rows[valid].sum() / max(int(valid.sum()), 1)
+
+
+def _residual(t_full, ids):
+    rest = t_full.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return rest - t_full.logsumexp(-1)
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("k", [1, 5, 23])
+def test_top_k_kd_with_a_residual_bucket_matches_autograd(blocks, mask, k):
+    valid = MASKS[mask](3, 7)
+    t_full = _logits(3, 7, 23, 1)
+    values, ids = t_full.topk(k, dim=-1)
+    residual = _residual(t_full, ids)
+    s = _poison(_logits(3, 7, 23, 0), valid).requires_grad_(True)
+    got = kd_divergence(s, values, teacher_indices=ids, teacher_log_residual=residual, mask=valid)
+    got.backward()
+    ref_s = s.detach().clone().requires_grad_(True)
+    if valid.any():
+        want = _bucket_reference(ref_s, t_full, ids, valid)
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            s.grad, torch.nan_to_num(ref_s.grad, nan=0.0), rtol=1e-5, atol=1e-7
+        )
+    else:
+        assert float(got.detach()) == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
+    with torch.no_grad():
+        again = kd_divergence(
+            s, values, teacher_indices=ids, teacher_log_residual=residual, mask=valid
+        )
+    torch.testing.assert_close(again, got.detach())
+    if k == 23:  # k = V: no residual left, the full KD
+        torch.testing.assert_close(got.detach(), kd_divergence(s, t_full, mask=valid).detach())
+
+
+def test_the_residual_bucket_grows_to_full_kd_as_k_grows():
+    """Merging outcomes never increases a KL (data processing): with nested supports the
+    bucketed KD rises with k and reaches the full KD at k = V."""
+    t_full = _logits(2, 6, 50, 1)
+    s = _logits(2, 6, 50, 0)
+    values = []
+    for k in (1, 5, 20, 49, 50):
+        top, ids = t_full.topk(k, dim=-1)
+        residual = _residual(t_full, ids)
+        values.append(
+            float(kd_divergence(s, top, teacher_indices=ids, teacher_log_residual=residual))
+        )
+    assert all(a <= b + 1e-5 for a, b in zip(values, values[1:], strict=False))
+    assert values[-1] == pytest.approx(float(kd_divergence(s, t_full)), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"teacher_indices": None}, "needs a top-k teacher"),
+        ({"teacher_log_residual": torch.zeros(2, 4)}, "must have shape"),
+        ({"temperature": 2.0}, "temperature 1"),
+        ({"kind": "reverse"}, "forward KL"),
+    ],
+)
+def test_a_residual_bucket_refuses_what_it_cannot_mean(kwargs, match):
+    values, ids = _logits(2, 3, 9, 1).topk(4, dim=-1)
+    args = {"teacher_indices": ids, "teacher_log_residual": torch.full((2, 3), -1.0), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        kd_divergence(_logits(2, 3, 9, 0), values, **args)

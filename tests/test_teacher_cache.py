@@ -165,3 +165,36 @@ def test_logits_kd_from_a_top_k_cache_equals_kd_from_its_dense_form():
             grads.append((loss.detach(), z_s.grad))
         torch.testing.assert_close(grads[0][0], grads[1][0])
         torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_a_top_k_cache_keeps_the_rest_of_the_mass_and_logits_kd_uses_it_at_tau_1(tmp_path):
+    from makd_plugins.logits_kd import LogitsKD
+
+    from makd_registry.losses import kd_divergence
+
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, 4, 30, generator=gen) * 2
+    plan = CapturePlan.from_requests([FeatureRequest("teacher", Feature.LOGITS)])
+    cache = TeacherCache(tmp_path / "c.safetensors", 1, top_k=6, logits="token")
+    cache.store([0], [4], {(Feature.LOGITS, None): logits}, {})
+    (got, _) = cache.assemble([0], 4, plan, torch.device("cpu"), torch.float32, 30)
+    top = got[(Feature.LOGITS, None)]
+    p = logits[0].softmax(-1)
+    rest = 1 - p.gather(-1, p.topk(6, -1).indices).sum(-1)
+    torch.testing.assert_close(top.log_residual[0].exp(), rest, rtol=1e-4, atol=1e-6)
+    z_s = torch.randn(1, 4, 30, generator=gen)
+    features = FeatureSet(
+        teacher_features={(Feature.LOGITS, None): top},
+        student_features={(Feature.LOGITS, None): z_s},
+        causal=True,
+    )
+    for tau, residual in ((1.0, top.log_residual), (2.0, None)):
+        aspect = LogitsKD(LogitsKD.Config(type="logits_kd", temperature=tau))
+        want = kd_divergence(
+            z_s,
+            top.values,
+            temperature=tau,
+            teacher_indices=top.indices,
+            teacher_log_residual=residual,
+        )
+        torch.testing.assert_close(aspect.loss(features), want)

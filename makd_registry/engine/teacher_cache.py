@@ -7,9 +7,11 @@ every example has been seen, the store is written to one safetensors file in the
 directory and memory-mapped; from then on a batch's teacher features are assembled from it
 (padded to the batch's length) instead of running the teacher.
 
-For language models ``top_k`` keeps only the k largest teacher logits per token, handed to
-the aspects as :class:`~makd_registry.features.TopKLogits`: the teacher distribution becomes
-its top-k renormalised (an approximation, off by default). The logits KD's forward KL reads
+For language models ``top_k`` keeps only the k largest teacher logits per token and the log
+of the probability mass outside them, handed to the aspects as
+:class:`~makd_registry.features.TopKLogits` (an approximation, off by default): at
+temperature 1 the rest of the mass is one bucket, at other temperatures the top k are
+renormalised. The logits KD's forward KL reads
 the k entries directly; an aspect that asks for the dense logits gets them with every other
 entry at a large negative value.
 """
@@ -106,13 +108,15 @@ class TeacherCache:
                 for row, (index, length) in enumerate(zip(indices, lengths, strict=True)):
                     x = _trim(feature, tensor[row].detach(), length, self.logits)
                     if feature is Feature.LOGITS and self.top_k and self.logits == "token":
-                        values_k, idx = x.float().topk(self.top_k, dim=-1)
-                        self.entries[self._name(index, table, feature, layer) + "/v"] = (
-                            values_k.to(self.dtype).cpu().contiguous()
-                        )
-                        self.entries[self._name(index, table, feature, layer) + "/k"] = (
-                            idx.to(torch.int32).cpu().contiguous()
-                        )
+                        name = self._name(index, table, feature, layer)
+                        full = x.float()
+                        values_k, idx = full.topk(self.top_k, dim=-1)
+                        # the log of the mass outside the top k (at temperature 1)
+                        rest = full.scatter(-1, idx, float("-inf")).logsumexp(-1)
+                        residual = rest - full.logsumexp(-1)
+                        self.entries[name + "/v"] = values_k.to(self.dtype).cpu().contiguous()
+                        self.entries[name + "/k"] = idx.to(torch.int32).cpu().contiguous()
+                        self.entries[name + "/r"] = residual.cpu().contiguous()
                         continue
                     self.entries[self._name(index, table, feature, layer)] = (
                         x.to(self.dtype).cpu().contiguous()
@@ -171,9 +175,11 @@ class TeacherCache:
         k = self.top_k or 0
         values = torch.zeros(len(indices), length, k, dtype=torch.float32)
         ids = torch.zeros(len(indices), length, k, dtype=torch.long)
+        residual = torch.full((len(indices), length), float("-inf"))
         for row, index in enumerate(indices):
             name = self._name(index, table, Feature.LOGITS, layer)
             v = self.reader.get_tensor(name + "/v")
             values[row, : v.shape[0]] = v
             ids[row, : v.shape[0]] = self.reader.get_tensor(name + "/k")
-        return TopKLogits(values.to(device), ids.to(device), vocab)
+            residual[row, : v.shape[0]] = self.reader.get_tensor(name + "/r")
+        return TopKLogits(values.to(device), ids.to(device), vocab, residual.to(device))
