@@ -731,7 +731,10 @@ def _kd_blocks(
             nll -= torch.where(ce[1][a:b], picked, 0.0).sum()
         ls = ls.clamp_min_(MASK_VALUE)
         lt = F.log_softmax(t, dim=-1).clamp_min_(MASK_VALUE)
-        out = None if grad is None else grad[a:b]  # written in place, never copied
+        dest = None if grad is None else grad[a:b]  # written in place, never copied
+        # the gradient is computed in fp32: directly into an fp32 buffer, else in a block
+        # scratch copied into the (bf16/fp16) buffer at the end
+        out = dest if dest is None or dest.dtype == torch.float32 else torch.empty_like(ls)
         if indices is not None and residual is not None:
             total += _bucket_block(ls, lt, indices[a:b].long(), residual[a:b], out, scale)
         elif indices is not None:
@@ -757,6 +760,8 @@ def _kd_blocks(
             total += lt.sub_(ls).mul_(pt).sum()
             if out is not None:
                 out.sub_(pt).mul_(scale)
+        if out is not dest:
+            dest.copy_(out)
     return total, nll
 
 

@@ -216,8 +216,7 @@ def make_registry(pm: MakdPluginManager | None = None, *, strict: bool = True) -
     registry = AspectRegistry(plugins=list(pm.infos.values()), failures=list(pm.failures))
 
     def add_aspect(cls: Any, info: PluginInfo) -> list[str]:
-        registry.add(cls, info)
-        return [cls.name]
+        return [cls.name] if registry.add(cls, info) else []
 
     register_all(
         pm,

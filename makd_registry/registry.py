@@ -85,7 +85,9 @@ class AspectRegistry:
                 f"plugin '{plugin.name}' registered an invalid callback: {exc}"
             ) from None
         existing = self.callbacks.get(cls.name)
-        if existing is not None and existing.cls is not cls:
+        if existing is not None and existing.cls is cls and existing.plugin == plugin:
+            return []  # registered again by the same plugin: nothing new to roll back
+        if existing is not None:
             raise PluginConflictError(
                 f"callback '{cls.name}' is registered twice: by plugin "
                 f"'{existing.plugin.name}'{_origin(existing.plugin)} ({_qual(existing.cls)}) "
@@ -110,7 +112,9 @@ class AspectRegistry:
                 f"plugin '{plugin.name}' registered an invalid provider: {exc}"
             ) from None
         existing = self.providers.get(provider.kind)
-        if existing is not None and existing.provider is not provider:
+        if existing is not None and existing.provider is provider and existing.plugin == plugin:
+            return []  # registered again by the same plugin: nothing new to roll back
+        if existing is not None:
             raise PluginConflictError(
                 f"requirement kind '{provider.kind}' is provided twice: by plugin "
                 f"'{existing.plugin.name}'{_origin(existing.plugin)} and by plugin "
@@ -123,8 +127,9 @@ class AspectRegistry:
         entry = self.providers.get(kind)
         return entry.provider if entry else None
 
-    def add(self, cls: type[Aspect], plugin: PluginInfo) -> None:
-        """Register ``cls`` for ``plugin``; raises :class:`PluginError` on a bad class or clash."""
+    def add(self, cls: type[Aspect], plugin: PluginInfo) -> bool:
+        """Register ``cls`` for ``plugin`` (False: it already was, by the same plugin);
+        raises :class:`PluginError` on a bad class, :class:`PluginConflictError` on a clash."""
         try:
             check_aspect_class(cls)
         except TypeError as exc:
@@ -134,13 +139,14 @@ class AspectRegistry:
         existing = self.entries.get(cls.name)
         if existing is not None:
             if existing.cls is cls and existing.plugin.name == plugin.name:
-                return
+                return False  # registered again by the same plugin: nothing new
             raise PluginConflictError(
                 f"aspect '{cls.name}' is registered twice: by plugin '{existing.plugin.name}'"
                 f"{_origin(existing.plugin)} ({_qual(existing.cls)}) and by plugin "
                 f"'{plugin.name}'{_origin(plugin)} ({_qual(cls)})"
             )
         self.entries[cls.name] = AspectEntry(cls, plugin)
+        return True
 
     def get(self, name: str) -> type[Aspect] | None:
         entry = self.entries.get(name)

@@ -155,3 +155,83 @@ def test_fit_runs_run_end_and_finish_when_a_callback_raises():
     assert Ended.ended and Trainer.finished
     control = fit(Trainer(), [], LoopState("student", 0, 1), host)
     assert isinstance(control, Control) and not control.should_stop
+
+
+class _Steps:
+    """A trainer stand-in: constant steps, records finish()."""
+
+    finished = False
+
+    def __init__(self):
+        self.step = 0
+
+    def train_step(self):
+        from makd_registry.engine.trainer import StepResult
+
+        self.step += 1
+        return StepResult(self.step, 0.5, {}, 1e-3)
+
+    def finish(self):
+        self.finished = True
+
+
+def test_every_callback_ends_even_when_one_raises_in_on_run_end():
+    """A plugin's failing on_run_end must not leave makd's SIGINT handler installed."""
+    import signal
+
+    from makd_registry.engine.callbacks import StopOnSignal
+
+    class BadEnd(Callback):
+        def on_run_end(self, state, control):
+            raise RuntimeError("bad end")
+
+    before = signal.getsignal(signal.SIGINT)
+    trainer = _Steps()
+    host = LoopHost(evaluate=dict, checkpoint=None, interrupted=lambda s, r: RuntimeError(r))
+    callbacks = [BadEnd(), StopOnSignal(lambda stop: stop.requested)]
+    with pytest.raises(RuntimeError, match="bad end"):
+        fit(trainer, callbacks, LoopState("student", 0, 2), host)
+    assert signal.getsignal(signal.SIGINT) == before and trainer.finished
+
+
+@pytest.mark.parametrize(
+    "hook", ["on_step_end", "on_evaluate", "on_checkpoint", "on_step_complete"]
+)
+def test_a_stop_from_any_hook_evaluates_and_checkpoints_that_step_once(hook, tmp_path):
+    actions = []
+
+    class StopAt2(Callback):
+        def _maybe(self, state, control, *rest):
+            if state.step == 2:
+                control.stop("enough")
+
+        def on_step_end(self, state, control, result):
+            if hook == "on_step_end":
+                self._maybe(state, control)
+            if hook in ("on_evaluate", "on_checkpoint") and state.step == 2:
+                control.should_evaluate = control.should_checkpoint = True
+
+        def on_evaluate(self, state, control, scores):
+            actions.append(("evaluate", state.step))
+            if hook == "on_evaluate":
+                self._maybe(state, control)
+
+        def on_checkpoint(self, state, control, path):
+            actions.append(("checkpoint", state.step))
+            if hook == "on_checkpoint":
+                self._maybe(state, control)
+
+        def on_step_complete(self, state, control):
+            if hook == "on_step_complete":
+                self._maybe(state, control)
+
+    host = LoopHost(
+        evaluate=lambda: {"accuracy": 1.0},
+        checkpoint=lambda: tmp_path,
+        interrupted=lambda s, r: RuntimeError(r),
+        checkpoint_at_end=True,
+    )
+    state = LoopState("student", 0, 5)
+    control = fit(_Steps(), [StopAt2()], state, host)
+    assert control.should_stop and state.step == 2
+    assert actions.count(("evaluate", 2)) == 1 and actions.count(("checkpoint", 2)) == 1

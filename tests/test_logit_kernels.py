@@ -437,3 +437,37 @@ def test_a_residual_bucket_refuses_what_it_cannot_mean(kwargs, match):
     args = {"teacher_indices": ids, "teacher_log_residual": torch.full((2, 3), -1.0), **kwargs}
     with pytest.raises(ValueError, match=match):
         kd_divergence(_logits(2, 3, 9, 0), values, **args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["forward", "reverse", "top-k", "bucket", "kd+ce"])
+def test_half_precision_student_logits_get_fp32_math(blocks, dtype, form):
+    """Under bf16 autocast the logits are bf16: the kernels compute in fp32 (same value as
+    fp32 on the same rounded logits) and return a gradient of the logits' dtype."""
+    t_full = _logits(2, 5, 40, 1)
+    values, ids = t_full.topk(6, dim=-1)
+    labels = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(3))
+    valid = MASKS["scattered"](2, 5)
+    results = []
+    for d in (torch.float32, dtype):
+        s = _logits(2, 5, 40, 0).to(dtype).to(d).requires_grad_(True)  # the same values
+        if form in ("forward", "reverse"):
+            loss = kd_divergence(s, t_full, kind=form, mask=valid)
+        elif form == "top-k":
+            loss = kd_divergence(s, values, teacher_indices=ids, mask=valid)
+        elif form == "bucket":
+            residual = _residual(t_full, ids)
+            loss = kd_divergence(
+                s, values, teacher_indices=ids, teacher_log_residual=residual, mask=valid
+            )
+        else:
+            kd, ce = losses.kd_and_cross_entropy(
+                s, values, labels, next_token=True, mask=valid, teacher_indices=ids
+            )
+            loss = kd + ce
+        loss.backward()
+        results.append((loss.detach(), s.grad))
+    (v32, g32), (vh, gh) = results
+    assert gh.dtype == dtype
+    torch.testing.assert_close(vh, v32, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh.float(), g32, rtol=1e-2, atol=1e-3)

@@ -308,3 +308,30 @@ def test_aspects_cannot_change_the_features_they_are_given():
         features.student_features[(Feature.LOGITS, None)] = torch.ones(2, 3)
     with pytest.raises(TypeError):
         features.teacher_features[(Feature.GENERATED, None)] = torch.ones(2)
+
+
+def test_a_failing_plugin_never_removes_what_another_plugin_registered():
+    """Registering another plugin's class again is a conflict, not a takeover that the
+    failing plugin's rollback would then delete."""
+    from makd_registry.callbacks import Callback
+
+    class Shared(Callback):
+        name = "shared_callback"
+
+    class First:
+        @staticmethod
+        @hookimpl
+        def makd_register_callbacks(register):
+            register(Shared)
+
+    class Second:
+        @staticmethod
+        @hookimpl
+        def makd_register_callbacks(register):
+            register(Shared)
+            raise RuntimeError("second fails after registering")
+
+    registry = make_registry(make_plugin_manager([First, Second], entrypoints=False), strict=False)
+    assert registry.callbacks["shared_callback"].plugin.name == "First"
+    (failure,) = [f for f in registry.failures if f.plugin == "Second"]
+    assert failure.stage == "conflict"

@@ -39,6 +39,19 @@ def _dispatch(callbacks: Sequence[Callback], hook: str, *args: Any) -> None:
         getattr(callback, hook)(*args)
 
 
+def _dispatch_all(callbacks: Sequence[Callback], hook: str, *args: Any) -> None:
+    """Every callback's ``hook``, also after one raised (the first error is re-raised): for
+    ``on_run_end``, where callbacks release what they hold (signal handlers, bars)."""
+    first: BaseException | None = None
+    for callback in callbacks:
+        try:
+            getattr(callback, hook)(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            first = first or exc
+    if first is not None:
+        raise first
+
+
 def fit(trainer: Any, callbacks: Sequence[Callback], state: LoopState, host: LoopHost) -> Control:
     """Train until ``state.max_steps`` (or until a callback stops the loop); returns the
     final :class:`Control`. ``trainer.finish()`` runs however the loop ends."""
@@ -55,16 +68,10 @@ def fit(trainer: Any, callbacks: Sequence[Callback], state: LoopState, host: Loo
             state.lr, state.grad_norm = result.lr, result.grad_norm
             state.elapsed_s = time.perf_counter() - start
             _dispatch(callbacks, "on_step_end", state, control, result)
-            if control.should_stop and host.evaluate_at_end:
-                control.should_evaluate = True
-            if control.should_evaluate:
-                state.scores, state.evaluated_at = host.evaluate(), state.step
-                _dispatch(callbacks, "on_evaluate", state, control, state.scores)
-            if control.should_stop and host.checkpoint_at_end:
-                control.should_checkpoint = True
-            if control.should_checkpoint and host.checkpoint is not None:
-                _checkpointed(callbacks, state, control, host)
+            checkpointed = _after_step(callbacks, state, control, host)
             _dispatch(callbacks, "on_step_complete", state, control)
+            if control.should_stop:  # asked for in on_step_complete: the same treatment
+                _after_step(callbacks, state, control, host, checkpointed)
             if control.interrupted:
                 if host.checkpoint is not None:
                     _checkpointed(callbacks, state, control, host)
@@ -73,10 +80,33 @@ def fit(trainer: Any, callbacks: Sequence[Callback], state: LoopState, host: Loo
                 break
     finally:
         try:
-            _dispatch(callbacks, "on_run_end", state, control)
+            _dispatch_all(callbacks, "on_run_end", state, control)
         finally:
             trainer.finish()
     return control
+
+
+def _after_step(
+    callbacks: Sequence[Callback],
+    state: LoopState,
+    control: Control,
+    host: LoopHost,
+    checkpointed: bool = False,
+) -> bool:
+    """The step's evaluation and checkpoint, as asked (a stopped step is treated as the
+    last: evaluated, and checkpointed when the run checkpoints at its end); each done at
+    most once per step. Returns whether a checkpoint was written."""
+    if control.should_stop and host.evaluate_at_end:
+        control.should_evaluate = True
+    if control.should_evaluate and state.evaluated_at != state.step:
+        state.scores, state.evaluated_at = host.evaluate(), state.step
+        _dispatch(callbacks, "on_evaluate", state, control, state.scores)
+    if control.should_stop and host.checkpoint_at_end:
+        control.should_checkpoint = True
+    if control.should_checkpoint and not checkpointed and host.checkpoint is not None:
+        _checkpointed(callbacks, state, control, host)
+        return True
+    return checkpointed
 
 
 def _checkpointed(

@@ -174,7 +174,8 @@ class TeacherCache:
             raise ValueError("a top-k teacher cache needs the teacher's vocab_size")
         k = self.top_k or 0
         values = torch.zeros(len(indices), length, k, dtype=torch.float32)
-        ids = torch.zeros(len(indices), length, k, dtype=torch.long)
+        # padded rows: distinct ids (0..k-1) with zero values, harmless if left unmasked
+        ids = torch.arange(k, dtype=torch.long).expand(len(indices), length, k).clone()
         residual = torch.full((len(indices), length), float("-inf"))
         for row, index in enumerate(indices):
             name = self._name(index, table, Feature.LOGITS, layer)

@@ -47,9 +47,11 @@ class ArchitectureRegistry:
             raise PluginError(
                 f"plugin '{plugin.name}' registered an invalid architecture adapter: {exc}"
             ) from None
+        if all(self.by_type.get(t) == (cls, plugin) for t in cls.model_types):
+            return []  # registered again by the same plugin: nothing new to roll back
         for model_type in cls.model_types:
             existing = self.by_type.get(model_type)
-            if existing is not None and existing[0] is not cls:
+            if existing is not None:
                 raise PluginConflictError(
                     f"model_type '{model_type}' is claimed twice: by plugin "
                     f"'{existing[1].name}' ({existing[0].__qualname__}) and by plugin "
