@@ -133,17 +133,6 @@ class Callback:
         """After the loop ended (last step, stop, or interruption), before outputs."""
 
 
-HOOKS = (
-    "on_run_start",
-    "on_step_begin",
-    "on_step_end",
-    "on_evaluate",
-    "on_checkpoint",
-    "on_step_complete",
-    "on_run_end",
-)
-
-
 def check_callback_class(cls: Any) -> None:
     """Raise ``TypeError`` explaining what is wrong with a class offered as a callback."""
     import re

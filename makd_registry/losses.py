@@ -938,6 +938,7 @@ def _kd_inputs(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     teacher_indices: torch.Tensor | None,
+    teacher_log_residual: torch.Tensor | None,
     temperature: float,
     kind: str,
     beta: float,
@@ -945,6 +946,7 @@ def _kd_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Check :func:`kd_divergence`'s arguments; a top-k teacher for the reverse KL or JSD
     comes back in its dense form."""
+    _check_residual(teacher_log_residual, teacher_logits, teacher_indices, temperature, kind)
     if teacher_indices is not None:
         if tuple(teacher_indices.shape) != tuple(teacher_logits.shape):
             raise ValueError(
@@ -1044,9 +1046,15 @@ def kd_divergence(
         of masked rows are never read (they get exactly zero gradient); ``-inf`` logits are
         allowed (their log-probability is floored at :data:`MASK_VALUE`).
     """
-    _check_residual(teacher_log_residual, teacher_logits, teacher_indices, temperature, kind)
     teacher_logits, teacher_indices = _kd_inputs(
-        student_logits, teacher_logits, teacher_indices, temperature, kind, beta, chunk_size
+        student_logits,
+        teacher_logits,
+        teacher_indices,
+        teacher_log_residual,
+        temperature,
+        kind,
+        beta,
+        chunk_size,
     )
     return _kd(
         student_logits,
@@ -1206,9 +1214,15 @@ def kd_and_cross_entropy(
         ce = _next_token_targets(student_logits, labels, mask, ignore_index)
     else:
         ce = _ce_targets(student_logits, labels, mask, ignore_index)
-    _check_residual(teacher_log_residual, teacher_logits, teacher_indices, temperature, kind)
     teacher_logits, teacher_indices = _kd_inputs(
-        student_logits, teacher_logits, teacher_indices, temperature, kind, beta, chunk_size
+        student_logits,
+        teacher_logits,
+        teacher_indices,
+        teacher_log_residual,
+        temperature,
+        kind,
+        beta,
+        chunk_size,
     )
     kd, ce_value = _kd(
         student_logits,

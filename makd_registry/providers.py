@@ -30,7 +30,7 @@ class Requirement:
     provider, ``options`` (JSON-able) say what exactly."""
 
     kind: str
-    options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    options: dict[str, Any] = field(default_factory=dict, hash=False)  # eq compares it
 
     def key(self) -> str:
         """The options as canonical JSON (equal options, equal keys)."""

@@ -78,23 +78,8 @@ class AspectRegistry:
         """Register a callback class (:class:`~makd_registry.callbacks.Callback`) by name."""
         from .callbacks import check_callback_class
 
-        try:
-            check_callback_class(cls)
-        except TypeError as exc:
-            raise PluginError(
-                f"plugin '{plugin.name}' registered an invalid callback: {exc}"
-            ) from None
-        existing = self.callbacks.get(cls.name)
-        if existing is not None and existing.cls is cls and existing.plugin == plugin:
-            return []  # registered again by the same plugin: nothing new to roll back
-        if existing is not None:
-            raise PluginConflictError(
-                f"callback '{cls.name}' is registered twice: by plugin "
-                f"'{existing.plugin.name}'{_origin(existing.plugin)} ({_qual(existing.cls)}) "
-                f"and by plugin '{plugin.name}'{_origin(plugin)} ({_qual(cls)})"
-            )
-        self.callbacks[cls.name] = CallbackEntry(cls, plugin)
-        return [cls.name]
+        _check(check_callback_class, cls, plugin, "callback")
+        return _claim(self.callbacks, cls.name, CallbackEntry(cls, plugin), "callback")
 
     def callback(self, name: str) -> Any | None:
         entry = self.callbacks.get(name)
@@ -105,23 +90,14 @@ class AspectRegistry:
         its ``kind``; two plugins providing one kind is a conflict."""
         from .providers import check_provider
 
-        try:
-            check_provider(provider)
-        except TypeError as exc:
-            raise PluginError(
-                f"plugin '{plugin.name}' registered an invalid provider: {exc}"
-            ) from None
-        existing = self.providers.get(provider.kind)
-        if existing is not None and existing.provider is provider and existing.plugin == plugin:
-            return []  # registered again by the same plugin: nothing new to roll back
-        if existing is not None:
-            raise PluginConflictError(
-                f"requirement kind '{provider.kind}' is provided twice: by plugin "
-                f"'{existing.plugin.name}'{_origin(existing.plugin)} and by plugin "
-                f"'{plugin.name}'{_origin(plugin)}"
-            )
-        self.providers[provider.kind] = ProviderEntry(provider, plugin)
-        return [provider.kind]
+        _check(check_provider, provider, plugin, "provider")
+        return _claim(
+            self.providers,
+            provider.kind,
+            ProviderEntry(provider, plugin),
+            "requirement kind",
+            "provided",
+        )
 
     def provider(self, kind: str) -> Any | None:
         entry = self.providers.get(kind)
@@ -177,6 +153,32 @@ class AspectRegistry:
 
     def failed_plugins(self) -> list[str]:
         return [f.plugin for f in self.failures]
+
+
+def _check(check: Any, obj: Any, plugin: PluginInfo, what: str) -> None:
+    try:
+        check(obj)
+    except TypeError as exc:
+        raise PluginError(f"plugin '{plugin.name}' registered an invalid {what}: {exc}") from None
+
+
+def _claim(
+    table: dict[str, Any], key: str, entry: Any, what: str, verb: str = "registered"
+) -> list[str]:
+    """Put ``entry`` (with ``.plugin``) under ``key``; the keys to roll back if its plugin
+    fails: none when the same plugin registered the same thing already, a
+    :class:`PluginConflictError` naming both plugins when another one holds the key."""
+    existing = table.get(key)
+    if existing == entry:
+        return []
+    if existing is not None:
+        raise PluginConflictError(
+            f"{what} '{key}' is {verb} twice: by plugin '{existing.plugin.name}'"
+            f"{_origin(existing.plugin)} and by plugin '{entry.plugin.name}'"
+            f"{_origin(entry.plugin)}"
+        )
+    table[key] = entry
+    return [key]
 
 
 def _origin(plugin: PluginInfo) -> str:
