@@ -174,6 +174,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_teacher_cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .engine.teacher_artifact import ArtifactBuild, BuildOptions
+
+    options = BuildOptions(
+        output=Path(args.output) if args.output else None,
+        top_k=args.top_k,
+        dtype=args.dtype,
+        shard_rows=args.shard_rows,
+        batch_size=args.batch_size,
+        overrides=tuple(args.set or ()),
+        overwrite=args.overwrite,
+    )
+    console = Console(
+        stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 150
+    )
+    ArtifactBuild(args.file, options, console).execute()
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _run_table(summary: dict[str, Any]) -> Table:
     metrics = sorted(set(summary["student"]) | set(summary["teacher"]))
     table = Table(box=None, pad_edge=False, title=f"{summary['objective']}: validation")
@@ -315,6 +346,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a setting of the file, e.g. --set training.steps=200 (repeatable)",
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("teacher", help="the teacher on its own: 'makd teacher cache'")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser(
+        "cache",
+        help="run the objective's teacher once over the training data and write what the "
+        "objective needs from it (an artifact that 'teacher: {cache: DIR}' trains from)",
+        description="Run the objective's teacher once over its tokenised training rows and "
+        "write the features the objective needs (top-k logits with --top-k), sharded "
+        "safetensors and a manifest of hashes. A killed build resumes when run again.",
+    )
+    p.add_argument("file", metavar="OBJECTIVE")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="DIR",
+        help="the artifact directory (default: the file's teacher.cache)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=_positive,
+        metavar="K",
+        help="language models: keep the K largest logits per token and the rest of the mass "
+        "(default: every logit)",
+    )
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    p.add_argument(
+        "--shard-rows",
+        type=_positive,
+        default=1024,
+        metavar="N",
+        help="training rows per shard (default 1024)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        metavar="B",
+        help="rows per teacher forward (default: training.eval_batch_size or batch_size)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a setting of the file, as for makd run (repeatable)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace what DIR holds (another artifact)"
+    )
+    p.set_defaults(func=cmd_teacher_cache)
 
     p = sub.add_parser(
         "student",

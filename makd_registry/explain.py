@@ -61,6 +61,9 @@ def _model_text(resolved: ResolvedObjective, side: str, layers: int | None) -> d
             source = f"config (model_type={spec.config.get('model_type', '?')})"
         elif getattr(spec, "teacher_layers", None) is not None:
             source = f"teacher layers {spec.teacher_layers}"
+        cache = getattr(spec, "cache", None)
+        if cache is not None:  # a teacher artifact: its outputs, without its weights
+            source = f"{source}, read from the artifact {cache}" if source else f"artifact {cache}"
     return {"source": source, "layers": layers}
 
 

@@ -40,6 +40,7 @@ from .. import __version__
 from ..callbacks import LoopState
 from ..capture import CapturePlan
 from ..errors import ObjectiveError
+from ..features import Feature
 from ..objective.sections import TrainingSection
 from .distributed import World, close_world, init_world
 from .evaluate import MAIN_METRIC, evaluate
@@ -71,6 +72,9 @@ class RunOptions:
     overwrite: bool = False
     dry_run: bool = False
     overrides: tuple[str, ...] = ()
+    #: ``makd teacher cache``: the teacher's weights are loaded even with ``teacher.cache``,
+    #: and no student section is needed
+    build_artifact: bool = False
 
 
 @dataclass
@@ -138,7 +142,7 @@ class Run:
         )
         self.spec = self.resolved.spec
         self.base_dir = self.resolved.base_dir
-        if self.spec.student is None:
+        if self.spec.student is None and not options.build_artifact:
             self._refuse(("objective",), "makd run needs a 'student' section")
         if self.spec.data is None or self.spec.data.train is None:
             self._refuse(("objective",), "makd run needs 'data' with 'train'")
@@ -150,6 +154,14 @@ class Run:
             raise RunError("--resume and --overwrite exclude each other")
         self.world: World = World()
         self.rundir = RunDirectory(self.run_dir, resume=options.resume, overwrite=options.overwrite)
+        #: the teacher artifact the run reads (``teacher.cache``), opened by the plan
+        self.artifact_dir: Path | None = None
+        self.artifact: Any = None
+        cache = getattr(self.spec.teacher, "cache", None) if self.spec.teacher else None
+        if cache is not None and not options.build_artifact:
+            from ..objective.artifact import artifact_dir
+
+            self.artifact_dir = artifact_dir(cache, self.base_dir)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -222,15 +234,20 @@ class Run:
         if teacher is not plan.teacher:  # trained now: build the student from it
             models = self._build_student(teacher, plan.teacher_adapter, plan.data)
             self._check_models(models, plan)
-        self._provide(teacher, plan.data, plan.tokenizer)
+        # an artifact's teacher has no weights: providers get none
+        self._provide(None if self.artifact is not None else teacher, plan.data, plan.tokenizer)
         student = models.student.to(self.device)
         if teacher is not None:
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-            if self.bf16 and self.device.type == "cuda":  # memory; on the CPU autocast alone
-                teacher.to(torch.bfloat16)
+            self._prepare_teacher(teacher)
         return Setup(plan, models, student, teacher, teacher_eval or plan.teacher_eval)
+
+    def _prepare_teacher(self, teacher: Any) -> None:
+        """Eval mode, no gradients; on CUDA with bf16, bf16 weights."""
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if self.bf16 and self.device.type == "cuda":  # memory; on the CPU autocast alone
+            teacher.to(torch.bfloat16)
 
     # -- plan ----------------------------------------------------------------------------
 
@@ -246,21 +263,22 @@ class Run:
         self._inputs = input_fingerprints(self.spec, self.base_dir)
         return self.rundir.check(self._resolved_dump, self._inputs, self.training.steps)
 
-    def plan(self) -> Plan:
-        """Build and check everything the run needs; write nothing (see the module doc).
-        The run directory has been checked by :meth:`_check_run_dir` first."""
+    def _load_inputs(self) -> tuple[Any, Any, Any]:
+        """``(teacher tokenizer, student tokenizer, tokenised data)``."""
         from ..data.tasks import load_task_data
         from ..models.build import load_tokenizers
 
-        resolved, inputs = self._resolved_dump, self._inputs
         teacher_tok, student_tok = load_tokenizers(self.spec, base_dir=self.base_dir)
         tokenizer = student_tok or teacher_tok
         data = load_task_data(self.spec.data, tokenizer, base_dir=self.base_dir)
-        self._check_batch(data)
-        teacher, adapter, cached, finetune, teacher_eval = self._initial_teacher(data)
-        capture = CapturePlan.from_requests(self.resolved.requires())
+        return teacher_tok, student_tok, data
+
+    def _check_teacher_weights(self, teacher: Any, capture: CapturePlan) -> None:
+        """A teacher built from a config without ``finetune`` has random weights: refused
+        when the objective distils from it."""
         if (
             teacher is not None
+            and self.artifact_dir is None
             and self.spec.teacher.finetune is None
             and self.spec.teacher.config is not None
             and (capture.needs_teacher_forward or capture.teacher.generated)
@@ -271,6 +289,20 @@ class Run:
                 "objective distils from it: add 'finetune: {steps: N}' to the teacher "
                 "section, or give a trained 'model'",
             )
+
+    def plan(self) -> Plan:
+        """Build and check everything the run needs; write nothing (see the module doc).
+        The run directory has been checked by :meth:`_check_run_dir` first."""
+        resolved, inputs = self._resolved_dump, self._inputs
+        if self.artifact_dir is not None:
+            self._check_artifact_objective()
+        teacher_tok, student_tok, data = self._load_inputs()
+        self._check_batch(data)
+        teacher, adapter, cached, finetune, teacher_eval = self._initial_teacher(data)
+        capture = CapturePlan.from_requests(self.resolved.requires())
+        self._check_teacher_weights(teacher, capture)
+        if self.artifact_dir is not None:
+            teacher_eval = self._open_artifact(data, capture, teacher_tok, student_tok)
         self._check_needs()
         models = self._build_student(teacher, adapter, data)
         models.teacher_tokenizer, models.student_tokenizer = teacher_tok, student_tok
@@ -321,6 +353,119 @@ class Run:
                 ]
             )
 
+    def _check_artifact_objective(self) -> None:
+        """With ``teacher.cache``: what needs the teacher's weights is refused, located."""
+        from ..objective.build import SOURCE_PATH
+
+        spec = self.spec
+        problems: list[tuple[tuple[Any, ...], str]] = []
+        if self.training.teacher_cache is not None:
+            problems.append(
+                (
+                    ("training", "teacher_cache"),
+                    "the teacher's outputs already come from its artifact (teacher.cache): "
+                    "drop training.teacher_cache",
+                )
+            )
+        student = spec.student
+        copy_note = (
+            "is made from the teacher's weights, which a teacher read from its artifact "
+            "(teacher.cache) does not have: give the student by 'model' or 'config'"
+        )
+        if student is not None and student.teacher_layers is not None:
+            problems.append(
+                (("student", "teacher_layers"), "a student of teacher layers " + copy_note)
+            )
+        elif student is not None and student.factorize is not None and student.model is None:
+            problems.append(
+                (("student", "factorize"), "a factorized copy of the teacher " + copy_note)
+            )
+        for node in self.resolved.root.walk():
+            if node.is_combinator:
+                continue
+            where = getattr(node, SOURCE_PATH, ("objective",))
+            generated = any(r.feature is Feature.GENERATED for r in node.requires())
+            if generated or any(r.kind == "teacher_targets" for r in node.needs()):
+                problems.append(
+                    (
+                        where,
+                        f"'{node.name}' trains on sequences the teacher generates, which "
+                        "needs the teacher's weights; its artifact (teacher.cache) holds only "
+                        "its outputs on the training rows: give teacher.model or "
+                        "teacher.config without cache for this objective",
+                    )
+                )
+            elif any(self._transforms_batches(r.kind) for r in node.needs()):
+                problems.append(
+                    (
+                        where,
+                        f"'{node.name}' trains on batches made during training (its "
+                        "provider transforms every batch, e.g. with the student's samples), "
+                        "and the teacher's artifact (teacher.cache) holds only its outputs on "
+                        "the training rows: give teacher.model or teacher.config without cache",
+                    )
+                )
+        if problems:
+            raise ObjectiveError(
+                [self.resolved.source.diagnostic(where, message) for where, message in problems]
+            )
+
+    def _transforms_batches(self, kind: str) -> bool:
+        provider = self.registry.provider(kind)
+        return bool(getattr(provider, "transforms_batches", False))
+
+    def _open_artifact(
+        self, data: Any, capture: CapturePlan, teacher_tok: Any, student_tok: Any
+    ) -> dict[str, float]:
+        """Open the teacher artifact and check it against this objective (data,
+        preprocessing, tokenizer, teacher, capture plan, shards); the teacher's stored
+        scores when they were measured on this validation data. Refused, located at
+        ``teacher.cache``, with every reason."""
+        import dataclasses
+
+        from ..models.build import default_head
+        from .teacher_artifact import (
+            ArtifactProblem,
+            TeacherArtifact,
+            check_artifact,
+            stored_teacher_eval,
+        )
+
+        where = ("teacher", "cache")
+        source = self.resolved.source
+        assert self.artifact_dir is not None
+        try:
+            artifact = TeacherArtifact.open(self.artifact_dir)
+        except ArtifactProblem as exc:
+            diag = dataclasses.replace(source.diagnostic(where, str(exc)), code=exc.code)
+            raise ObjectiveError([diag]) from None
+        head = default_head(self.spec.data.task, self.spec.teacher, self.architectures)
+        problems = check_artifact(
+            artifact,
+            self.spec,
+            self.base_dir,
+            data,
+            capture,
+            student_tok=student_tok,
+            teacher_tok=teacher_tok,
+            head=head,
+        )
+        if problems:
+            raise ObjectiveError(
+                [
+                    dataclasses.replace(source.diagnostic(where, message), code=code)
+                    for message, code in problems
+                ]
+            )
+        self.artifact = artifact
+        scores = stored_teacher_eval(artifact, self.spec, self.base_dir)
+        if not scores and artifact.manifest.get("teacher_eval"):
+            self.say(
+                "note: the teacher's scores are not reported: its artifact measured them on "
+                "other validation data"
+            )
+        return scores
+
     def _check_batch(self, data: Any) -> None:
         """Settings that cannot work with this data or this number of processes."""
         training = self.training
@@ -369,11 +514,19 @@ class Run:
         spec = self.spec
         if spec.teacher is None:
             return None, None, False, None, {}
+        if self.artifact_dir is not None:  # on the meta device: no weights
+            teacher, adapter = build_teacher(spec, self.architectures, base_dir=self.base_dir)
+            self._check_labels(teacher, data, "teacher")
+            return teacher, adapter, True, None, {}
         finetune = spec.teacher.finetune
         seed = finetune.seed if finetune is not None else self.training.seed
         with seeded(seed, "teacher_init"):  # a config-built teacher, a new task head
             teacher, adapter = build_teacher(
-                spec, self.architectures, base_dir=self.base_dir, num_labels=data.num_labels
+                spec,
+                self.architectures,
+                base_dir=self.base_dir,
+                num_labels=data.num_labels,
+                weights=True,
             )
         self._check_labels(teacher, data, "teacher")
         if finetune is None:
@@ -447,6 +600,9 @@ class Run:
         estimate = estimate_memory(
             models, capture, micro, self.spec.data.max_length, bf16_teacher=self.bf16
         )
+        if self.artifact is not None and "teacher_weights" in estimate:  # none resident
+            estimate["total_excluding_activations"] -= estimate["teacher_weights"]
+            estimate["teacher_weights"] = 0.0
         available = available_memory_mb(self.device)
         need = estimate["total_excluding_activations"]
         if available is not None and need > available:
@@ -466,6 +622,8 @@ class Run:
         teacher = plan.teacher
         if teacher is None:
             return None, {}
+        if self.artifact is not None:  # the meta-device teacher: its outputs are stored
+            return teacher, plan.teacher_eval
         teacher = teacher.to(self.device)
         if self.spec.teacher.finetune is None or plan.teacher_cached:
             return teacher, plan.teacher_eval
@@ -563,7 +721,7 @@ class Run:
         t = self.spec.teacher
         if t.finetune is not None:
             return "finetuned:" + teacher_key(self.spec, self.base_dir)
-        return json.dumps(t.model_dump(mode="json"), sort_keys=True)
+        return json.dumps(t.model_dump(mode="json", exclude={"cache"}), sort_keys=True)
 
     def _provide(self, teacher: Any, data: Any, tokenizer: Any) -> None:
         """Before training: each provider serves the requirements of its kind."""
@@ -648,6 +806,7 @@ class Run:
             world_size=self.world.world_size,
             cache_dir=run_dir,
             source=self.resolved.source,
+            teacher_artifact=self.artifact,
         )
         state: dict[str, Any] = {}
         if self.options.resume:
@@ -730,7 +889,7 @@ class Run:
             if self.world.main
             else None
         )
-        if teacher is not None and not teacher_eval:
+        if teacher is not None and not teacher_eval and self.artifact is None:
             teacher_eval = dict(state.get("teacher_eval") or {}) or self._evaluate(
                 teacher, data, tokenizer
             )
@@ -835,6 +994,7 @@ class Run:
             "parameters": {k: v.as_dict() for k, v in plan.models.parameters().items()},
             "recipe": plan.models.recipe,
             "teacher_finetune": plan.finetune,
+            "teacher_cache": str(self.artifact_dir) if self.artifact_dir is not None else None,
             "captured": plan.capture.summary(),
             "memory_estimate_mb": plan.memory_mb,
         }

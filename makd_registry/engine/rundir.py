@@ -154,6 +154,13 @@ def input_fingerprints(spec: Any, base_dir: Path) -> dict[str, Any]:
                 for item in sorted(directory.iterdir())
                 if item.is_file()
             }
+    cache = getattr(spec.teacher, "cache", None) if spec.teacher is not None else None
+    if cache is not None:  # a teacher artifact: its manifest names every shard's sha256
+        from ..objective.artifact import MANIFEST, artifact_dir
+
+        manifest = artifact_dir(cache, base_dir) / MANIFEST
+        if manifest.is_file():
+            out["teacher.cache"] = {MANIFEST: file_fingerprint(manifest)}
     return out
 
 

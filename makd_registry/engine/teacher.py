@@ -34,7 +34,8 @@ def teacher_key(spec: Any, base_dir: Path) -> str:
         exclude={"log_every", "eval_every", "checkpoint_every", "eval_batch_size", "teacher_cache"},
     )
     payload = {
-        "teacher": spec.teacher.model_dump(mode="json"),
+        # where the teacher's outputs are read from is not part of the teacher
+        "teacher": spec.teacher.model_dump(mode="json", exclude={"cache"}),
         "training": training,  # everything the teacher's own training step depends on
         "data": data.model_dump(mode="json", exclude={"validation", "validation_limit"}),
         "train_file": stamp,

@@ -73,6 +73,9 @@ class Trainer:
     world_size: int = 1
     cache_dir: Path | None = None  # where training.teacher_cache files go (the run directory)
     source: Any = None  # the objective file's SourceMap, for located build errors
+    #: a teacher artifact (``teacher.cache``): every batch's teacher features are read from
+    #: it (the teacher is then a meta-device model, never run)
+    teacher_artifact: Any = None
     step: int = 0
     epoch: int = 0
     position: int = 0
@@ -292,9 +295,18 @@ class Trainer:
         return caches[stage]
 
     def _teacher_from_cache(self, fx: FeatureExtractor, batch: dict) -> Any:
-        """With the teacher cache: the batch's teacher features read from it, or (first
-        epoch) computed, stored, and returned. None without a cache (``fx`` runs the
-        teacher itself)."""
+        """With a teacher artifact: the batch's teacher features read from it (this rank's
+        rows). With the teacher cache: read from it, or (first epoch) computed, stored, and
+        returned. None without either (``fx`` runs the teacher itself)."""
+        if self.teacher_artifact is not None and fx.teacher is not None:
+            return self.teacher_artifact.assemble(
+                batch["index"].tolist(),
+                batch["input_ids"].shape[1],
+                fx.plan,
+                self.device,
+                next(self.teacher.parameters()).dtype,
+                getattr(self.teacher.config, "vocab_size", None),
+            )
         cache = self.teacher_cache
         if cache is None or fx.teacher is None:
             return None

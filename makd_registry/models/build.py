@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import ArchitectureAdapter
-from .loading import ModelError, build_from_config, head_for_task, load_pretrained
+from .loading import ModelError, build_from_config, build_on_meta, head_for_task, load_pretrained
 from .registry import ArchitectureRegistry
 from .students import (
     FactorizationReport,
@@ -109,11 +109,24 @@ def build_teacher(
     base_dir: Path,
     attn_implementation: str | None = None,
     num_labels: int | None = None,
+    weights: bool | None = None,
 ) -> tuple[Any, ArchitectureAdapter | None]:
-    """The teacher of ``spec`` (an ``ObjectiveFile``) and its adapter, or ``(None, None)``."""
+    """The teacher of ``spec`` (an ``ObjectiveFile``) and its adapter, or ``(None, None)``.
+
+    A teacher read from an artifact (``teacher.cache``) is built from the artifact's config
+    on the ``meta`` device: no weights are loaded or allocated. ``weights=True`` loads the
+    teacher's ``model``/``config`` even then (to build the artifact)."""
     if spec.teacher is None:
         return None, None
     head = _head(spec, registry)
+    cache = getattr(spec.teacher, "cache", None)
+    if cache is not None and not weights:
+        from ..objective.artifact import artifact_dir
+
+        teacher = build_on_meta(artifact_dir(cache, base_dir), head, registry, what="teacher.cache")
+        return teacher, registry.for_model(teacher)
+    if spec.teacher.model is None and spec.teacher.config is None:
+        raise ModelError("teacher: only 'cache' is given, so the teacher's weights are unknown")
     teacher = _load(
         spec.teacher, head, registry, base_dir, "teacher", attn_implementation, num_labels
     )
@@ -146,6 +159,11 @@ def build_student(
     )
     if needs_teacher and teacher is None:
         raise ModelError("the student is built from the teacher, but there is no teacher section")
+    if needs_teacher and any(p.is_meta for p in teacher.parameters()):
+        raise ModelError(
+            "the student is built from the teacher's weights, but the teacher is read from "
+            "an artifact (teacher.cache) without them: give the student by 'model' or 'config'"
+        )
     if student_spec.teacher_layers is not None:
         assert teacher_adapter is not None
         student = select_layers(teacher, teacher_adapter, student_spec.teacher_layers)
@@ -190,9 +208,13 @@ def load_tokenizers(spec: Any, *, base_dir: Path) -> tuple[Any, Any]:
     neither is known)."""
     teacher_tok = student_tok = None
     if spec.teacher is not None:
-        teacher_tok = _tokenizer(
-            spec.teacher.tokenizer, spec.teacher.model, base_dir, "teacher.tokenizer"
-        )
+        fallback = spec.teacher.model
+        cache = getattr(spec.teacher, "cache", None)
+        if fallback is None and cache is not None:  # the artifact's copy of the tokenizer
+            from ..objective.artifact import TOKENIZER, artifact_dir
+
+            fallback = str(artifact_dir(cache, base_dir) / TOKENIZER)
+        teacher_tok = _tokenizer(spec.teacher.tokenizer, fallback, base_dir, "teacher.tokenizer")
     if spec.student is not None and (spec.student.tokenizer or spec.student.model):
         student_tok = _tokenizer(
             spec.student.tokenizer, spec.student.model, base_dir, "student.tokenizer"

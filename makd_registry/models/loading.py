@@ -138,6 +138,34 @@ def build_from_config(
         raise ModelError(f"{what}: cannot build a {head} model from its config: {exc}") from None
 
 
+def build_on_meta(
+    directory: Path,
+    head: str,
+    registry: ArchitectureRegistry,
+    *,
+    what: str = "model",
+) -> Any:
+    """The model whose ``config.json`` lies in ``directory``, with ``head``, built on the
+    ``meta`` device: its structure, config and shapes, with no weights in memory (a
+    teacher read from an artifact, whose outputs are stored)."""
+    import torch
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory))
+    except Exception as exc:  # libraries raise many kinds on malformed files
+        raise ModelError(
+            f"{what}: cannot read the config in {directory}: {_first_line(exc)}"
+        ) from None
+    adapter = registry.for_config(config)
+    _check_head(adapter, head, what)
+    try:
+        with torch.device("meta"), quiet_transformers():
+            return auto_class(head).from_config(config)
+    except Exception as exc:  # libraries raise many kinds on malformed files
+        raise ModelError(f"{what}: cannot build a {head} model from its config: {exc}") from None
+
+
 def resolve_model_ref(ref: str, base_dir: Path) -> str:
     """A local directory (made absolute against ``base_dir``) or a hub id, as given."""
     from ..objective.depths import DepthError, local_model_dir

@@ -226,10 +226,35 @@ class _Resolver:
 
     # -- depths ------------------------------------------------------------------------
 
+    def _artifact_only(self, section: str) -> str | None:
+        """The teacher artifact of a teacher given by ``cache`` alone (its config is the
+        artifact's ``config.json``), else None."""
+        spec = getattr(self.spec, section)
+        cache = getattr(spec, "cache", None) if spec is not None else None
+        if cache is None or spec.model is not None or spec.config is not None:
+            return None
+        return cache
+
+    def _artifact_config(self, section: str) -> dict[str, Any] | None:
+        from .artifact import artifact_config
+
+        try:
+            return artifact_config(self._artifact_only(section) or "", self.base_dir)
+        except DepthError as exc:
+            self.error((section, "cache"), str(exc), code=ExitCode.MODEL)
+            return None
+
     def _depth(self, section: str) -> int | None:
         spec = getattr(self.spec, section)
         if spec is None:
             return None
+        if self._artifact_only(section) is not None:
+            config = self._artifact_config(section)
+            try:
+                return depth_from_config(config) if config is not None else None
+            except DepthError as exc:
+                self.error((section, "cache"), f"its {section} config: {exc}", code=ExitCode.MODEL)
+                return None
         try:
             if spec.config is not None:
                 return depth_from_config(spec.config)
@@ -247,7 +272,15 @@ class _Resolver:
         if spec is None:
             return
         where: YPath
-        if spec.config is not None:
+        if self._artifact_only(section) is not None:
+            from .artifact import artifact_config
+
+            try:
+                config = artifact_config(spec.cache, self.base_dir)
+            except DepthError:
+                return  # reported with the depth
+            model_type, where = config.get("model_type"), (section, "cache")
+        elif spec.config is not None:
             model_type, where = spec.config.get("model_type"), (section, "config", "model_type")
             if model_type is None:
                 self.error((section, "config"), "an inline config needs 'model_type'")
@@ -353,6 +386,25 @@ class _Resolver:
                     self.error((section, "config", exc.key), str(exc), key=True)
                 else:
                     self.error((section, "config"), str(exc))
+                return None
+        if self._artifact_only(section) is not None:
+            from .artifact import artifact_config, artifact_dir
+
+            try:
+                artifact_config(spec.cache, self.base_dir)
+            except DepthError:
+                return None  # reported with the depth
+            import transformers
+
+            try:
+                return transformers.AutoConfig.from_pretrained(
+                    artifact_dir(spec.cache, self.base_dir)
+                )
+            except Exception as exc:  # transformers raises many kinds on a bad config.json
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self.error(
+                    (section, "cache"), f"cannot read its config: {first}", code=ExitCode.MODEL
+                )
                 return None
         if section == "student" and spec.model is None:  # built from the teacher
             if teacher_config is None:

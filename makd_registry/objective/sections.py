@@ -63,9 +63,28 @@ class TeacherSection(StrictModel):
         description="Train the teacher on the task first (hard-label CE), cached by its "
         "settings and reused by later runs.",
     )
+    cache: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A teacher artifact written by `makd teacher cache` (a directory, "
+        "relative to this file): training reads the teacher's outputs from it and never "
+        "loads the teacher's weights. Alone, or with the model/config it was built from "
+        "(then checked against it).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherSection:
+        if self.cache is not None and self.model is None and self.config is None:
+            if self.finetune is not None:
+                raise_at(
+                    ("finetune",),
+                    "finetune_needs_model",
+                    "finetune trains a teacher given by 'model' or 'config'; with 'cache' "
+                    "alone there is no teacher to train (give the model or config the cache "
+                    "was built from, or drop finetune)",
+                    None,
+                )
+            return self
         _exactly_one(self, ("model", "config"))
         return self
 
