@@ -229,6 +229,14 @@ class FeatureSet:
     ``attention_mask`` is the (B, T) padding mask (1 = real token). ``causal`` tells
     whether the models attend causally (decoders). ``labels`` holds the batch's hard
     labels when the task has them. ``step`` is the global optimisation step.
+
+    ``loss_mask`` (B, T) marks the tokens that token-level terms average over when the
+    data restricts them (instruction data: the response tokens, ``data.loss_on:
+    response``); None means every real token. Aspects read it through
+    :meth:`token_mask` (hidden states, attention rows, relations: the tokens in the loss)
+    and :meth:`prediction_mask` (per-token logits: the positions whose prediction is in
+    the loss; for a causal model the one before each such token). Attention keys stay
+    ``attention_mask``: a response token attends to its prompt.
     """
 
     teacher_features: Mapping[tuple[Feature, int | None], torch.Tensor] = field(
@@ -244,6 +252,7 @@ class FeatureSet:
     )
     attention_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
     causal: bool = False
     step: int = 0
     teacher_info: ModelInfo | None = None
@@ -280,6 +289,30 @@ class FeatureSet:
                 dense = self._dense[id(value)] = (value, value.dense())
             return dense[1]
         return value
+
+    def token_mask(self) -> torch.Tensor | None:
+        """The (B, T) tokens token-level terms average over (hidden states, attention
+        query rows, relations): ``loss_mask`` when the data sets one, else
+        ``attention_mask``. The one policy every built-in token-level aspect follows."""
+        return self.loss_mask if self.loss_mask is not None else self.attention_mask
+
+    def prediction_mask(self) -> torch.Tensor | None:
+        """The (B, T) positions whose per-token logits are in the loss: ``token_mask()``
+        for a bidirectional model; for a causal one, with a ``loss_mask``, the positions
+        just before each token in the loss (position t predicts token t + 1). Without a
+        ``loss_mask``: ``attention_mask`` (every real position)."""
+        if self.loss_mask is None:
+            return self.attention_mask
+        if not self.causal:
+            return self.loss_mask
+        import torch
+
+        m = self.loss_mask.bool()
+        shifted = torch.zeros_like(m)
+        shifted[:, :-1] = m[:, 1:]
+        if self.attention_mask is not None:
+            shifted &= self.attention_mask.bool()
+        return shifted.to(self.loss_mask.dtype)
 
     def shared(self, key: Any, compute: Any) -> Any:
         """A value computed once per batch and shared between aspects: ``compute()`` the

@@ -9,7 +9,10 @@ result becomes the column ``generated`` (the ``GENERATED`` feature):
 * causal LM: each training block's first tokens are a prompt and the teacher continues it
   (greedy, beam or sampled, as the options say) up to the block length; the training rows
   become these teacher sequences, and ``generated`` marks the generated tokens (the prompt
-  and padding are -100, so the CE covers the teacher's tokens only).
+  and padding are -100, so the CE covers the teacher's tokens only);
+* instruction: the teacher answers each training prompt (up to ``max_new_tokens``); the
+  rows become prompt + the teacher's response, which ``generated``, ``labels`` and the
+  ``loss_mask`` mark.
 
 Generation is batched; :func:`load_or_generate` stores the result as safetensors under a
 key (:func:`cache_key`) of everything it depends on. torch is imported inside functions.
@@ -78,6 +81,10 @@ def _generate(teacher, data, tokenizer, config, batch_size, device, autocast, ma
         return _generate_lm(
             teacher, train, tokenizer, config, batch_size, device, autocast, max_length, pad
         )
+    if data.task == "instruction":
+        return _generate_instruction(
+            teacher, data, tokenizer, config, batch_size, device, autocast, pad
+        )
     outputs = []
     for start in range(0, len(train), batch_size):
         rows = list(train.select(range(start, min(start + batch_size, len(train)))))
@@ -91,6 +98,50 @@ def _generate(teacher, data, tokenizer, config, batch_size, device, autocast, ma
     return {"generated": torch.cat(outputs).cpu()}
 
 
+def decoding_options(config: Any) -> dict[str, Any]:
+    """``generate`` keywords of decoding options (``decoding``: greedy, beam or sample,
+    with ``num_beams``, ``temperature`` and ``top_p``; the model's generation config
+    supplies the rest)."""
+    if config.decoding == "greedy":
+        return {"do_sample": False}
+    if config.decoding == "beam":
+        return {"do_sample": False, "num_beams": config.num_beams}
+    return {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
+
+
+def _generate_instruction(teacher, data, tokenizer, config, batch_size, device, autocast, pad):
+    """Instruction data: the teacher answers every training prompt; the rows become prompt
+    + the teacher's response, ``generated`` (and ``labels``) the response tokens."""
+    import torch
+
+    train = data.train
+    prompts = [list(r["input_ids"][: r["prompt_length"]]) for r in train]
+    room = [len(r["input_ids"]) for r in train]  # the longest row the data allowed
+    longest = max(room)
+    answers = continue_prompts(
+        teacher,
+        prompts,
+        max_new_tokens=config.max_new_tokens,
+        pad_id=pad,
+        eos_id=tokenizer.eos_token_id,
+        device=device,
+        autocast=autocast,
+        batch_size=batch_size,
+        decoding=decoding_options(config),
+    )
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
+    width = max(width, longest)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    generated = torch.full((len(prompts), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        row = p + a
+        ids[i, : len(row)] = torch.tensor(row)
+        generated[i, len(p) : len(row)] = torch.tensor(a)
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "generated": generated}
+
+
 def _generate_lm(
     teacher, train, tokenizer, config, batch_size, device, autocast, max_length, pad
 ) -> dict[str, Any]:
@@ -99,12 +150,7 @@ def _generate_lm(
     new = min(config.max_new_tokens, max_length - 1)
     prompt_len = max_length - new
     kwargs: dict[str, Any] = {"max_new_tokens": new, "min_new_tokens": 1, "pad_token_id": pad}
-    if config.decoding == "greedy":
-        kwargs["do_sample"] = False
-    elif config.decoding == "beam":
-        kwargs.update(do_sample=False, num_beams=config.num_beams)
-    else:
-        kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
+    kwargs.update(decoding_options(config))
     ids_out, gen_out = [], []
     for start in range(0, len(train), batch_size):
         rows = train.select(range(start, min(start + batch_size, len(train))))
@@ -134,6 +180,135 @@ def _generate_lm(
     return {"input_ids": input_ids, "attention_mask": mask, "generated": generated}
 
 
+def continue_prompts(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int | None,
+    device: Any,
+    autocast: Any = None,
+    batch_size: int = 16,
+    decoding: dict[str, Any] | None = None,
+) -> list[list[int]]:
+    """Each prompt's continuation by ``model`` (a causal LM), batched with left padding,
+    without gradients: greedy, or as ``decoding`` says (:func:`decoding_options`; sampling
+    draws from the caller's random stream). A continuation ends after its first EOS (kept)
+    and has at least one token. Batched and one-by-one greedy decoding give the same
+    tokens."""
+    import contextlib
+
+    import torch
+
+    ctx = autocast or contextlib.nullcontext
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": 1,
+        "pad_token_id": pad_id,
+    }
+    if eos_id is not None:
+        kwargs["eos_token_id"] = eos_id
+    kwargs.update(decoding or {"do_sample": False})
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                width = max(len(p) for p in chunk)
+                ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk])
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+                with ctx():
+                    seq = model.generate(
+                        input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
+                    )
+                for row in seq[:, width:].tolist():
+                    if eos_id is not None and eos_id in row:
+                        row = row[: row.index(eos_id) + 1]
+                    out.append(row)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def sample_continuations(
+    model: Any,
+    prompts: list[list[int]],
+    seeds: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    pad_id: int,
+    eos_id: int | None,
+    device: Any,
+    autocast: Any = None,
+) -> list[list[int]]:
+    """Each prompt's continuation sampled from ``model`` at ``temperature`` (the whole
+    distribution, no top-k or top-p cut), in one left-padded batch without gradients.
+
+    Row ``i`` draws its noise from its own generator seeded with ``seeds[i]`` (Gumbel-max
+    sampling: the argmax of ``logits / temperature`` plus Gumbel noise is a sample of the
+    softmax), so a row's sample depends on its seed and its prompt only, not on the other
+    rows of the batch: the same rows give the same samples however they are split into
+    batches or processes. A continuation ends after its first EOS (kept)."""
+    import contextlib
+
+    import torch
+
+    ctx = autocast or contextlib.nullcontext
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    import inspect
+
+    takes = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
+    cache_arg = "cache" if "cache" in takes else "past_key_values"  # transformers 5 / older
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            past = None
+            step_ids, step_pos = ids, positions
+            for _ in range(max_new_tokens):
+                with ctx():
+                    res = model(
+                        input_ids=step_ids,
+                        attention_mask=mask,
+                        position_ids=step_pos,
+                        use_cache=True,
+                        **{cache_arg: past},
+                        **extra,
+                    )
+                past = res.get("cache", res.get("past_key_values"))
+                logits = res.logits[:, -1].float() / temperature
+                noise = torch.stack(
+                    [torch.rand(logits.shape[-1], generator=g) for g in generators]
+                ).to(logits.device)
+                gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
+                token = (logits + gumbel).argmax(-1)
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                for i, t in enumerate(token.tolist()):
+                    if not done[i]:
+                        out[i].append(t)
+                if eos_id is not None:
+                    done |= token == eos_id
+                if bool(done.all()):
+                    break
+                step_ids = token[:, None]
+                step_pos = step_pos[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    finally:
+        model.train(was_training)
+    return out
+
+
 def apply_targets(data: Any, targets: dict[str, Any]) -> Any:
     """``data.train`` with the teacher's targets as the ``generated`` column (causal LM: the
     teacher's sequences as the rows)."""
@@ -143,14 +318,18 @@ def apply_targets(data: Any, targets: dict[str, Any]) -> Any:
         ids = targets["input_ids"].tolist()
         mask = targets["attention_mask"].tolist()
         gen = targets["generated"].tolist()
-        data.train = datasets.Dataset.from_dict(
-            {
-                "input_ids": [r[: sum(m)] for r, m in zip(ids, mask, strict=True)],
-                "attention_mask": [m[: sum(m)] for m in mask],
-                "labels": [r[: sum(m)] for r, m in zip(ids, mask, strict=True)],
-                "generated": [g[: sum(m)] for g, m in zip(gen, mask, strict=True)],
-            }
-        )
+        rows = {
+            "input_ids": [r[: sum(m)] for r, m in zip(ids, mask, strict=True)],
+            "attention_mask": [m[: sum(m)] for m in mask],
+            "labels": [r[: sum(m)] for r, m in zip(ids, mask, strict=True)],
+            "generated": [g[: sum(m)] for g, m in zip(gen, mask, strict=True)],
+        }
+        if data.task == "instruction":
+            rows["prompt_length"] = [next(i for i, v in enumerate(g) if v != -100) for g in gen]
+            if "loss_mask" in data.train.column_names:  # loss_on: response
+                rows["labels"] = [list(g) for g in rows["generated"]]
+                rows["loss_mask"] = [[int(v != -100) for v in g] for g in rows["generated"]]
+        data.train = datasets.Dataset.from_dict(rows)
     else:
         data.train = data.train.add_column("generated", targets["generated"].tolist())
     return data

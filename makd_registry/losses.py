@@ -96,6 +96,15 @@ def _as_bool_mask(mask: torch.Tensor, shape: tuple[int, ...], name: str) -> torc
     return mask if mask.dtype == torch.bool else mask != 0
 
 
+def _mask_or_all(
+    mask: torch.Tensor | None, shape: tuple[int, ...], name: str, device: Any
+) -> torch.Tensor:
+    """``mask`` as a bool tensor on ``device``, or all true when it is None."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    return _as_bool_mask(mask, shape, name).to(device)
+
+
 def _check_positive(value: float, name: str) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -348,6 +357,7 @@ def attention_kl(
     attention_mask: torch.Tensor | None = None,
     *,
     direction: Direction = "forward",
+    query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""KL divergence between attention (or relation) distributions, averaged over rows.
 
@@ -368,6 +378,8 @@ def attention_kl(
             nothing. ``None`` = every query and key is valid. Future keys of a causal model
             need no mask here: they carry probability ``exp(MASK_VALUE) = 0`` on both sides.
         direction: ``"forward"`` or ``"reverse"``.
+        query_mask: ``(B, T)``, the query rows averaged over (e.g. the response tokens of
+            instruction data); default ``attention_mask``. Keys stay ``attention_mask``.
 
     Returns:
         Scalar fp32 tensor (``0`` when there is no valid query). Log-probabilities are floored
@@ -385,12 +397,14 @@ def attention_kl(
     b, h, t, _ = teacher_logp.shape
     lt = teacher_logp.float()
     ls = student_logp.float()
-    if attention_mask is None:
+    if attention_mask is None and query_mask is None:
         valid = None
         n_rows = torch.tensor(float(b * h * t), device=lt.device)
     else:
-        m = _as_bool_mask(attention_mask, (b, t), "attention_mask").to(lt.device)
-        valid = m[:, None, :, None] & m[:, None, None, :]  # (B, 1, T, T): query & key valid
+        keys = _mask_or_all(attention_mask, (b, t), "attention_mask", lt.device)
+        m = keys if query_mask is None else _as_bool_mask(query_mask, (b, t), "query_mask")
+        m = m.to(lt.device) & keys
+        valid = m[:, None, :, None] & keys[:, None, None, :]  # (B, 1, T, T): query & key valid
         # Replace excluded entries (padded query rows, padded key columns) by the constant 0
         # before anything else: their term becomes exp(0) * (0 - 0) = 0, nothing non-finite can
         # leak, and the original entries get exactly zero gradient.
@@ -465,6 +479,7 @@ def attention_kl_from_scores(
     attention_mask: torch.Tensor | None = None,
     *,
     direction: Direction = "forward",
+    query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r""":func:`attention_kl` with the student given as pre-softmax scores (from
     :func:`attention_scores`): the same value, computed with about half the memory traffic.
@@ -492,13 +507,17 @@ def attention_kl_from_scores(
             F.log_softmax(student_scores.float(), dim=-1),
             attention_mask,
             direction=direction,
+            query_mask=query_mask,
         )
     b, h, t, _ = teacher_logp.shape
-    if attention_mask is None:
+    if attention_mask is None and query_mask is None:
         query_valid = None
         n_rows = global_count(b * h * t, student_scores.device)
     else:  # the row count stays a tensor: no host synchronisation on accelerators
-        m = _as_bool_mask(attention_mask, (b, t), "attention_mask").to(student_scores.device)
+        device = student_scores.device
+        m = _mask_or_all(attention_mask, (b, t), "attention_mask", device)
+        if query_mask is not None:
+            m = m & _as_bool_mask(query_mask, (b, t), "query_mask").to(device)
         query_valid = m[:, None, :]
         n_rows = global_count(m.sum().to(torch.float32) * h)
     return _FusedAttentionKL.apply(
@@ -1199,21 +1218,24 @@ def kd_and_cross_entropy(
     teacher_indices: torch.Tensor | None = None,
     teacher_log_residual: torch.Tensor | None = None,
     ignore_index: int = -100,
+    ce_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kd_divergence(...), CE)`` of the same student logits in one pass over them.
 
-    The CE is :func:`cross_entropy` of ``student_logits`` on ``labels`` (with ``mask``), or
-    with ``next_token`` :func:`next_token_cross_entropy`. When the KD is a forward or
-    reverse KL whose teacher needs no gradient and the student needs one, both come from
+    The CE is :func:`cross_entropy` of ``student_logits`` on ``labels`` (with ``ce_mask``,
+    default ``mask``), or with ``next_token`` :func:`next_token_cross_entropy`. When the KD
+    is a forward or reverse KL whose teacher needs no gradient and the student needs one,
+    both come from
     one blocked pass: the CE reads the KD pass's per-row normaliser (at ``temperature`` 1;
     one extra reduction per row otherwise), and its gradient is added into the KD's
     gradient buffer (one full-size gradient, not two summed). Otherwise they are computed
     one after the other. Same values and gradients as the two functions separately.
     """
+    hard = mask if ce_mask is None else ce_mask
     if next_token:
-        ce = _next_token_targets(student_logits, labels, mask, ignore_index)
+        ce = _next_token_targets(student_logits, labels, hard, ignore_index)
     else:
-        ce = _ce_targets(student_logits, labels, mask, ignore_index)
+        ce = _ce_targets(student_logits, labels, hard, ignore_index)
     teacher_logits, teacher_indices = _kd_inputs(
         student_logits,
         teacher_logits,

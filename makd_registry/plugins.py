@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "makd_plugins.matrix",
     "makd_plugins.logits_kd",
     "makd_plugins.seqkd",
+    "makd_plugins.gkd",
     "makd_plugins.architectures",
 )
 

@@ -7,7 +7,9 @@ samples of the student regenerated as it trains. An aspect declares such needs w
 options); a :class:`Provider` registered for that kind through the
 ``makd_register_providers`` hook serves them. The engine knows neither the kinds nor the
 aspects: it asks each provider to check its requirements while planning the run (nothing
-written yet), and to provide them before training.
+written yet), to provide them before training, and, for a provider that implements
+:meth:`Provider.transform_batch`, to transform every training micro-batch before the
+forward (e.g. on-policy distillation replacing responses by the student's own samples).
 
 This module imports no torch.
 """
@@ -96,6 +98,31 @@ class ProviderContext:
     barrier: Callable[[], None] = lambda: None
 
 
+@dataclass
+class BatchContext:
+    """What :meth:`Provider.transform_batch` gets with each training micro-batch."""
+
+    #: the model being trained (in training mode; a provider that runs it must restore
+    #: the mode, and must not let gradients flow)
+    student: Any
+    #: the optimisation step about to be taken (0-based), and the micro-batch within it
+    step: int
+    micro: int
+    #: the training rows of this micro-batch (this process's share), by row index
+    indices: list[int]
+    #: ``seed_for(purpose)``: a 63-bit seed derived from the run's seed and ``purpose``
+    #: alone; randomness drawn per row from e.g. ``f"mykind:{step}:{row}"`` is the same
+    #: however the batch is split into processes, and after a resume
+    seed_for: Callable[[str], int]
+    device: Any
+    #: a context manager: the run's precision for forwards
+    autocast: Callable[[], Any]
+    pad_id: int
+    eos_id: int | None
+    #: the training data (rows by index: ``data.train[i]``)
+    data: Any
+
+
 class Provider:
     """Serves the requirements of one ``kind``; register an instance through the
     ``makd_register_providers`` hook."""
@@ -112,6 +139,20 @@ class Provider:
         """Serve the requirements before training (e.g. add a column to the training data
         that a capture or an aspect reads)."""
         raise NotImplementedError(f"provider {self.kind!r} does not implement provide()")
+
+    def transform_batch(
+        self, needs: list[Need], batch: dict[str, Any], context: BatchContext
+    ) -> dict[str, Any]:
+        """Optional: the micro-batch the step trains on instead of ``batch`` (padded
+        tensors: ``input_ids``, ``attention_mask``, ``labels``, ``loss_mask``, ...; keep
+        ``index``), called before the teacher's and the student's forwards of every
+        training micro-batch. Providers that do not override it are not called."""
+        return batch
+
+    @property
+    def transforms_batches(self) -> bool:
+        """Whether this provider overrides :meth:`transform_batch`."""
+        return type(self).transform_batch is not Provider.transform_batch
 
 
 def check_provider(provider: Any) -> None:

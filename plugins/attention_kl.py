@@ -119,11 +119,14 @@ class AttentionKL(Aspect):
 
         teacher = self._log_probs(features, "teacher", t)
         mask, direction = features.attention_mask, self.config.direction
+        rows = features.token_mask()  # the query rows in the loss; keys: every real token
         if self.config.source == "qk":  # fused: the scores' gradient in the same pass
             student = self._scores(features, "student", s)
-            return losses.attention_kl_from_scores(teacher, student, mask, direction=direction)
+            return losses.attention_kl_from_scores(
+                teacher, student, mask, direction=direction, query_mask=rows
+            )
         student = self._log_probs(features, "student", s)
-        return losses.attention_kl(teacher, student, mask, direction=direction)
+        return losses.attention_kl(teacher, student, mask, direction=direction, query_mask=rows)
 
     def loss(self, features):
         terms = [self._pair_loss(features, s, t) for s, t in self.pairs]

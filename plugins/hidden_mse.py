@@ -78,7 +78,7 @@ class HiddenMSE(Aspect):
         return losses.masked_mean((1.0 - cos).unsqueeze(-1), mask)
 
     def loss(self, features):
-        mask = features.attention_mask
+        mask = features.token_mask()
         terms = [
             self._distance(
                 self.aligner("hidden", (s, t), features.student(Feature.HIDDEN, s)),

@@ -121,7 +121,8 @@ class LogitsKD(Aspect):
                 residual = top_k.log_residual  # known at τ 1: the rest is one bucket
         else:
             z_t, ids = features.teacher(Feature.LOGITS), None
-        mask = _token_mask(z_s, features.attention_mask)
+        # the positions whose predictions are in the loss (instruction data: the responses)
+        mask = _token_mask(z_s, features.prediction_mask())
         options = {
             "temperature": c.temperature,
             "kind": c.divergence,
@@ -135,7 +136,12 @@ class LogitsKD(Aspect):
             kd = kd_divergence(z_s, z_t, **options)
         else:  # the student's CE from the same pass over the logits, for alpha and for `ce`
             kd, ce = kd_and_cross_entropy(
-                z_s, z_t, features.labels, next_token=_next_token(features, z_s), **options
+                z_s,
+                z_t,
+                features.labels,
+                next_token=_next_token(features, z_s),
+                ce_mask=_token_mask(z_s, features.attention_mask),  # labels mark the CE's
+                **options,
             )
             features.offer(_ce_key(z_s), (z_s, ce))
         if c.alpha == 0:

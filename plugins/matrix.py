@@ -103,14 +103,16 @@ class _MatrixAspect(Aspect):
             feature, s, teacher_input_layer=t if self.config.input == "teacher" else None
         )
         mask = features.attention_mask
+        rows = features.token_mask()  # the tokens in the loss; relation keys: every real one
         if self.config.relation:
             r, causal = self.config.relation_heads, features.causal
             return losses.attention_kl(
                 losses.relation_log_probs(x_t, r, attention_mask=mask, causal=causal),
                 losses.relation_log_probs(x_s, r, attention_mask=mask, causal=causal),
                 mask,
+                query_mask=rows,
             )
-        return losses.hidden_mse(self.aligner(kind, (s, t), x_s), x_t, mask)
+        return losses.hidden_mse(self.aligner(kind, (s, t), x_s), x_t, rows)
 
     def loss(self, features):
         terms = [

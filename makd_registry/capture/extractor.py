@@ -143,6 +143,7 @@ class FeatureExtractor:
             student_on_teacher_input=on_teacher,
             attention_mask=inputs.get("attention_mask"),
             labels=batch.get("labels"),
+            loss_mask=batch.get(LOSS_MASK),
             causal=self.causal,
             step=step,
             teacher_info=self.teacher_info,
@@ -150,6 +151,10 @@ class FeatureExtractor:
         )
         return features, outputs
 
+
+#: the batch column of the tokens token-level terms average over (instruction data's
+#: response tokens; see :attr:`FeatureSet.loss_mask`), written by the data layer
+LOSS_MASK = "loss_mask"
 
 #: features that the training data carries as a column instead of a capture: the
 #: teacher's generated targets, written by a requirement provider (e.g. SeqKD's)

@@ -11,12 +11,17 @@ PAD_LABEL = -100
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad ``input_ids`` (with ``pad_id``), ``attention_mask`` and ``token_type_ids`` (with
-    0) and token-level ``labels`` / ``generated`` (with -100) to the longest row;
-    example-level ones (an int, or QA's ``[start, end]``) are stacked."""
+    """Pad ``input_ids`` (with ``pad_id``), ``attention_mask``, ``token_type_ids`` and
+    ``loss_mask`` (with 0) and token-level ``labels`` / ``generated`` (with -100) to the
+    longest row; example-level ones (an int, or QA's ``[start, end]``) are stacked."""
     longest = max(len(r["input_ids"]) for r in rows)
     out: dict[str, torch.Tensor] = {}
-    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+    for key, fill in (
+        ("input_ids", pad_id),
+        ("attention_mask", 0),
+        ("token_type_ids", 0),
+        ("loss_mask", 0),
+    ):
         if key in rows[0]:
             out[key] = torch.tensor(
                 [list(r[key]) + [fill] * (longest - len(r[key])) for r in rows], dtype=torch.long

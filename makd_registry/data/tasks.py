@@ -9,8 +9,15 @@
   context and pick the best window of each question;
 * ``causal_lm``: the whole text tokenised and cut into blocks of ``max_length`` tokens,
   ``labels`` = ``input_ids`` (shifted in the loss);
-* ``instruction``: prompts ("instruction\\n\\ninput\\n\\n") with reference outputs, for
-  generation-based evaluation only.
+* ``instruction``: a prompt (``instruction`` and ``input`` written "instruction\\n\\n
+  input\\n\\n", or chat messages / the same through the tokenizer's chat template) and its
+  response: ``input_ids`` = prompt + response (+ EOS), ``labels`` = the response tokens
+  (-100 on the prompt), ``loss_mask`` = 1 on the response tokens (``data.loss_on:
+  response``; with ``all`` labels cover every token and there is no ``loss_mask``), and
+  ``prompt_length``; evaluation also keeps the prompts alone and the references, for
+  generation (Rouge-L). A prompt too long for ``max_length`` is shortened inside its
+  content (the input, else the instruction, or the last user message), keeping its
+  template's start and end.
 
 Cells are checked before tokenising: an empty, whitespace-only or non-text value in a text
 column, a missing or unknown label, or an answer span that is not in its context is a
@@ -21,7 +28,7 @@ cells (an empty CSV cell) are skipped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,17 @@ class TaskData:
     #: classification: the name of each class id (``data.labels``, the string labels of the
     #: data, or a hub dataset's ClassLabel names); None for plain integer labels
     label_names: list[str] | None = None
+    #: ``data.extra_validation``: name → (rows, evaluation-only columns), evaluated like
+    #: ``validation``
+    extra_validation: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def evaluation_sets(self) -> list[tuple[str, TaskData]]:
+        """``("", self)`` and ``(name, a view with that set as validation)`` per extra set."""
+        out: list[tuple[str, TaskData]] = [("", self)]
+        for name, (rows, kept) in self.extra_validation.items():
+            view = TaskData(self.task, None, rows, kept, self.num_labels, self.label_names)
+            out.append((name, view))
+        return out
 
 
 def _columns(spec: Any) -> dict[str, str]:
@@ -67,6 +85,8 @@ def _columns(spec: Any) -> dict[str, str]:
         }
     if spec.task == "causal_lm":
         return {"text_column": spec.text_column}
+    if spec.messages_column is not None:
+        return {"messages_column": spec.messages_column}
     return {"instruction_column": spec.instruction_column, "output_column": spec.output_column}
 
 
@@ -82,22 +102,21 @@ def load_task_data(spec: Any, tokenizer: Any, *, base_dir: Path) -> TaskData:
     out = TaskData(task=spec.task)
     columns = _columns(spec)
     mapping: LabelMapping | None = None
-    for split in ("train", "validation"):
-        ref = getattr(spec, split)
+    splits = [(split, getattr(spec, split), f"data.{split}") for split in ("train", "validation")]
+    splits += [
+        (f"extra:{name}", ref, f"data.extra_validation.{name}")
+        for name, ref in spec.extra_validation.items()
+    ]
+    for split, ref, what in splits:
         if ref is None:
             continue
-        if split == "train" and spec.task == "instruction":
-            raise DataError(
-                "data.train: instruction data is for evaluation only (Self-Instruct asks not "
-                "to train on it); train on another task"
-            )
-        what = f"data.{split}"
+        train = split == "train"
         raw = load_split(
             ref,
             base_dir=base_dir,
-            split=spec.train_split if split == "train" else spec.validation_split,
+            split=spec.train_split if train else spec.validation_split,
             subset=spec.subset,
-            limit=spec.train_limit if split == "train" else spec.validation_limit,
+            limit=spec.train_limit if train else spec.validation_limit,
             what=what,
         )
         if (
@@ -106,7 +125,11 @@ def load_task_data(spec: Any, tokenizer: Any, *, base_dir: Path) -> TaskData:
             and spec.text_column not in raw.column_names
         ):
             raw = raw.rename_column("text", spec.text_column)
-        if spec.task == "instruction" and spec.input_column not in raw.column_names:
+        if (
+            spec.task == "instruction"
+            and spec.messages_column is None
+            and spec.input_column not in raw.column_names
+        ):
             raw = _flatten_instances(raw, spec)
         require_columns(raw, columns, ref, what)
         where = f"{what}: {_source_name(ref, base_dir)}"
@@ -118,7 +141,10 @@ def load_task_data(spec: Any, tokenizer: Any, *, base_dir: Path) -> TaskData:
             ids = mapping.ids(raw[spec.label_column], where, spec.label_column)
             tokenised, kept = _tokenise_classification(spec, raw, tokenizer, ids), None
         else:
-            tokenised, kept = _tokenise(spec, raw, tokenizer, train=split == "train", where=where)
+            tokenised, kept = _tokenise(spec, raw, tokenizer, train=train, where=where)
+        if split.startswith("extra:"):
+            out.extra_validation[split.removeprefix("extra:")] = (tokenised, kept)
+            continue
         setattr(out, split, tokenised)
         if split == "validation":
             out.validation_raw = kept
@@ -142,6 +168,8 @@ def _check_cells(spec: Any, raw: Any, where: str) -> None:
     elif spec.task == "causal_lm":
         # raw text: blank lines separate paragraphs, and an empty CSV/JSON cell adds nothing
         check_text_column(raw, spec.text_column, where=where, skip_missing=True, allow_blank=True)
+    elif spec.messages_column is not None:
+        _check_messages(raw, spec.messages_column, where, ids)
     else:  # instruction: the input is optional
         check_text_column(raw, spec.instruction_column, where=where, ids=ids)
         check_text_column(raw, spec.output_column, where=where, ids=ids)
@@ -149,6 +177,37 @@ def _check_cells(spec: Any, raw: Any, where: str) -> None:
             check_text_column(
                 raw, spec.input_column, where=where, ids=ids, skip_missing=True, allow_blank=True
             )
+
+
+def _check_messages(raw: Any, column: str, where: str, ids: Any) -> None:
+    """Every cell is a conversation: a list of at least two ``{role, content}`` messages
+    with text content, the last one the assistant's (the response)."""
+    problems: list[int] = []
+    first = ""
+    for i, messages in enumerate(raw[column]):
+        why = ""
+        if not isinstance(messages, list) or len(messages) < 2:
+            why = "is not a list of at least two messages"
+        elif not all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            and m["content"].strip()
+            for m in messages
+        ):
+            why = "has a message that is not {role: text, content: non-blank text}"
+        elif messages[-1]["role"] != "assistant":
+            why = f"ends with a {messages[-1]['role']!r} message, not the assistant's response"
+        if why:
+            if not problems:
+                first = why
+            problems.append(i)
+    if problems:
+        raise DataError(
+            f"{where}: column {column!r} must hold chat messages [{{role, content}}, ...] "
+            f"ending with the assistant's response; {len(problems)} of {len(raw)} rows do not "
+            f"({row_list(problems, ids)}; the first {first})"
+        )
 
 
 def _check_answers(raw: Any, spec: Any, where: str, ids: Any) -> None:
@@ -352,7 +411,9 @@ def _tokenise(spec: Any, raw: Any, tokenizer: Any, *, train: bool, where: str) -
         return _tokenise_qa(spec, raw, tokenizer, train=train, where=where)
     if task == "causal_lm":
         return _tokenise_lm(spec, raw, tokenizer, where), None
-    return _tokenise_instruction(spec, raw, tokenizer)
+    from .instruction import tokenise_instruction
+
+    return tokenise_instruction(spec, raw, tokenizer, train=train, where=where)
 
 
 def _tokenise_lm(spec: Any, raw: Any, tokenizer: Any, where: str) -> Any:
@@ -470,20 +531,3 @@ def _cut_questions(tokenizer: Any, questions: list[str], limit: int) -> list[str
             keep -= 1
         out.append(question)
     return out
-
-
-def _tokenise_instruction(spec: Any, raw: Any, tokenizer: Any) -> tuple[Any, Any]:
-    prompts = []
-    for row in raw:
-        extra = row.get(spec.input_column) or ""
-        prompt = row[spec.instruction_column].strip() + "\n\n"
-        if extra.strip():
-            prompt += extra.strip() + "\n\n"
-        prompts.append(prompt)
-    enc = tokenizer(prompts, truncation=True, max_length=spec.max_length)
-    import datasets
-
-    data = datasets.Dataset.from_dict(
-        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    )
-    return data, {"references": list(raw[spec.output_column]), "prompts": prompts}

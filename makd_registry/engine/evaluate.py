@@ -42,44 +42,61 @@ def evaluate(
     autocast: Any = None,
     max_new_tokens: int = 64,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``data.validation`` (a :class:`TaskData`)."""
-    if data.validation is None:
-        return {}
+    """Metrics of ``model`` on ``data.validation`` (a :class:`TaskData`), and those of
+    each ``data.extra_validation`` set as ``name.metric``."""
+    sets = data.evaluation_sets() if hasattr(data, "evaluation_sets") else [("", data)]
+    out: dict[str, float] = {}
+    for name, view in sets:
+        if view.validation is None:
+            continue
+        scores = _evaluate_set(
+            model,
+            view,
+            tokenizer,
+            batch_size=batch_size,
+            device=device,
+            autocast=autocast,
+            max_new_tokens=max_new_tokens,
+        )
+        out.update({(f"{name}.{k}" if name else k): v for k, v in scores.items()})
+    return out
+
+
+def _evaluate_set(
+    model: Any,
+    data: Any,
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: Any = None,
+    max_new_tokens: int = 64,
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``data.validation``."""
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ctx = autocast or contextlib.nullcontext
     try:
         if data.task == "instruction":
-            return _instruction(model, data, tokenizer, device, max_new_tokens, ctx)
+            return _instruction(model, data, tokenizer, device, max_new_tokens, ctx, batch_size)
+        if data.task == "causal_lm":
+            nll, tokens = _response_nll(model, data.validation, batch_size, pad_id, device, ctx)
+            mean = nll / max(tokens, 1)
+            return {"perplexity": math.exp(min(mean, 700)), "loss": mean}
         preds: list[Any] = []
         spans: list[Any] = []
         labels: list[int] = []
-        nll, tokens = 0.0, 0
         for start, batch in _batches(data.validation, batch_size, pad_id, device):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             with ctx():
                 out = model(**inputs)
-            if data.task == "causal_lm":
-                logits = out.logits.float()[:, :-1]
-                target = batch["labels"][:, 1:]
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]),
-                    target.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                )
-                nll += loss.item()
-                tokens += int((target != -100).sum())
-            elif data.task == "qa":
+            if data.task == "qa":
                 offsets = data.validation_raw["offsets"][start : start + len(out.start_logits)]
                 spans += qa_best_spans(out.start_logits, out.end_logits, offsets)
             else:
                 preds += out.logits.argmax(-1).tolist()
                 labels += batch["labels"].tolist()
-        if data.task == "causal_lm":
-            mean = nll / max(tokens, 1)
-            return {"perplexity": math.exp(min(mean, 700)), "loss": mean}
         if data.task == "qa":
             preds = qa_predictions(spans, data.validation_raw)
             return squad_metrics(preds, data.validation_raw["answers"])
@@ -138,20 +155,48 @@ def qa_predictions(spans: list[tuple[float, int, int] | None], raw: dict[str, An
     return texts
 
 
-def _instruction(model, data, tokenizer, device, max_new_tokens, ctx) -> dict[str, float]:
-    scores = []
+def _instruction(model, data, tokenizer, device, max_new_tokens, ctx, batch_size):
+    """Rouge-L of greedy answers to the validation prompts (batched, left-padded), and the
+    perplexity of the reference responses (teacher-forced, over the tokens in the loss)."""
+    from ..generation import continue_prompts
+
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    for row, reference in zip(data.validation, data.validation_raw["references"], strict=True):
-        ids = torch.tensor([row["input_ids"]], device=device)
+    raw = data.validation_raw
+    answers = continue_prompts(
+        model,
+        raw["prompt_ids"],
+        max_new_tokens=max_new_tokens,
+        pad_id=int(pad or 0),
+        eos_id=eos,
+        device=device,
+        autocast=ctx,
+        batch_size=batch_size,
+    )
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    scores = [rouge_l(t, r) for t, r in zip(texts, raw["references"], strict=True)]
+    nll, tokens = _response_nll(model, data.validation, batch_size, int(pad or 0), device, ctx)
+    mean = nll / max(tokens, 1)
+    return {
+        "rouge_l": 100 * sum(scores) / len(scores),
+        "perplexity": math.exp(min(mean, 700)),
+        "loss": mean,
+    }
+
+
+def _response_nll(model, rows, batch_size, pad_id, device, ctx) -> tuple[float, int]:
+    """Summed next-token NLL of the labelled tokens (the responses) and their number."""
+    nll, tokens = 0.0, 0
+    for _, batch in _batches(rows, batch_size, pad_id, device):
         with ctx():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        scores.append(rouge_l(text, reference))
-    return {"rouge_l": 100 * sum(scores) / len(scores)}
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits.float()[:, :-1]
+        target = batch["labels"][:, 1:]
+        nll += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        ).item()
+        tokens += int((target != -100).sum())
+    return nll, tokens

@@ -750,8 +750,19 @@ class Run:
         for kind, kind_needs in needs.items():
             self.registry.provider(kind).provide(kind_needs, context)
 
+    def _batch_providers(self) -> list[tuple[Any, list[Any]]]:
+        """The providers that transform every training micro-batch, with their needs."""
+        from ..providers import collect_needs
+
+        out = []
+        for kind, needs in collect_needs(self.resolved.root).items():
+            provider = self.registry.provider(kind)
+            if provider.transforms_batches:
+                out.append((provider, needs))
+        return out
+
     def _evaluate(self, model: Any, data: Any, tokenizer: Any) -> dict[str, float]:
-        if not self.world.main or data.validation is None:
+        if not self.world.main or (data.validation is None and not data.extra_validation):
             return {}
         return evaluate(
             model,
@@ -807,6 +818,8 @@ class Run:
             cache_dir=run_dir,
             source=self.resolved.source,
             teacher_artifact=self.artifact,
+            batch_providers=self._batch_providers(),
+            eos_id=getattr(tokenizer, "eos_token_id", None),
         )
         state: dict[str, Any] = {}
         if self.options.resume:
@@ -1009,6 +1022,8 @@ def _example_counts(data: Any) -> dict[str, int]:
     raw = data.validation_raw
     if data.task == "qa" and isinstance(raw, dict) and "answers" in raw:
         out["validation_questions"] = len(raw["answers"])
+    for name, (rows, _) in getattr(data, "extra_validation", {}).items():
+        out[f"{name}.validation"] = len(rows)
     return out
 
 

@@ -29,7 +29,7 @@ from ..weighting import weighted_loss
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .embeddings import EmbeddingGradients, freeze_input_embeddings
 from .optim import make_optimizer
-from .seeding import seeded
+from .seeding import purpose_seed, seeded
 from .terms import TermRecorder
 
 
@@ -73,6 +73,9 @@ class Trainer:
     world_size: int = 1
     cache_dir: Path | None = None  # where training.teacher_cache files go (the run directory)
     source: Any = None  # the objective file's SourceMap, for located build errors
+    #: (provider, needs) pairs whose provider transforms every training micro-batch
+    batch_providers: list[tuple[Any, list[Any]]] = field(default_factory=list)
+    eos_id: int | None = None
     #: a teacher artifact (``teacher.cache``): every batch's teacher features are read from
     #: it (the teacher is then a meta-device model, never run)
     teacher_artifact: Any = None
@@ -179,12 +182,31 @@ class Trainer:
             yield indices[self.rank :: self.world_size]
 
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of the next optimisation step."""
-        for mine in self._micro_indices():
+        """This rank's micro-batches of the next optimisation step (as the providers that
+        transform batches make them)."""
+        for micro, mine in enumerate(self._micro_indices()):
             rows = [self.data.train[i] for i in mine]  # a datasets.Dataset or a list of rows
             batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
             batch["index"] = torch.tensor(mine)
+            for provider, needs in self.batch_providers:
+                batch = provider.transform_batch(needs, batch, self._batch_context(micro, mine))
             yield batch
+
+    def _batch_context(self, micro: int, indices: list[int]) -> Any:
+        from ..providers import BatchContext
+
+        return BatchContext(
+            student=self.student,
+            step=self.step,
+            micro=micro,
+            indices=indices,
+            seed_for=lambda purpose: purpose_seed(self.training.seed, purpose),
+            device=self.device,
+            autocast=self.autocast,
+            pad_id=self.pad_id,
+            eos_id=self.eos_id,
+            data=self.data,
+        )
 
     def _refill_teacher_cache(self) -> None:
         """After a resume: the teacher cache of a stage whose first epoch was not complete

@@ -222,6 +222,64 @@ class DataSection(StrictModel):
     max_new_tokens: int = Field(
         default=64, ge=1, le=4096, description="instruction: tokens generated per answer."
     )
+    messages_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="instruction: a column of chat messages ([{role, content}], the last "
+        "one the assistant's response), rendered with the tokenizer's chat template.",
+    )
+    template: Literal["plain", "chat"] = Field(
+        default="plain",
+        description="instruction: how a prompt is written: plain ('instruction\\n\\n"
+        "input\\n\\n') or the tokenizer's chat template (a user turn, then the "
+        "assistant's).",
+    )
+    loss_on: Literal["response", "all"] = Field(
+        default="response",
+        description="instruction: the tokens every token-level term (CE, logits KD, "
+        "attention KL, hidden MSE, matrix terms) averages over: the response tokens, or "
+        "all tokens of prompt and response.",
+    )
+    extra_validation: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="More evaluation sets of the same task, {name: file or hub dataset}, "
+        "evaluated with the validation set; their metrics are reported as name.metric "
+        "(e.g. Self-Instruct for instruction data).",
+    )
+
+    @model_validator(mode="after")
+    def _instruction_options(self) -> DataSection:
+        if self.task != "instruction":
+            for name in ("messages_column", "template", "loss_on"):
+                if name in self.model_fields_set:
+                    raise_at(
+                        (name,),
+                        "instruction_only",
+                        "'{name}' applies to task: instruction, not to {task}",
+                        getattr(self, name),
+                        name=name,
+                        task=self.task,
+                    )
+        if self.messages_column is not None and "template" in self.model_fields_set:
+            if self.template != "chat":
+                raise_at(
+                    ("template",),
+                    "messages_need_chat",
+                    "messages_column is rendered with the chat template: drop template: "
+                    "plain (or give instruction/output columns instead)",
+                    self.template,
+                )
+        for name in self.extra_validation:
+            if not name.isidentifier():
+                raise_at(
+                    ("extra_validation", name),
+                    "eval_set_name",
+                    "evaluation set names must be identifiers (letters, digits, _), got '{name}'",
+                    name,
+                    name=name,
+                )
+        return self
 
     @model_validator(mode="after")
     def _labels_for_classifiers(self) -> DataSection:

@@ -298,6 +298,7 @@ def check_aspect_invariants(
     permuted = _map_features(base, lambda f, t: t[perm])
     permuted.attention_mask = base.attention_mask[perm]
     permuted.labels = base.labels[perm] if base.labels is not None else None
+    permuted.loss_mask = base.loss_mask[perm] if base.loss_mask is not None else None
     reordered = value(permuted)
     assert torch.allclose(reordered, loss, rtol=1e-4, atol=atol), (
         f"{name}: batch order changed the loss ({loss.item()} → {reordered.item()})"

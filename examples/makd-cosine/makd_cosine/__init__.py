@@ -43,7 +43,7 @@ class HiddenCosine(Aspect):
                 )
             cos = torch.nn.functional.cosine_similarity(h_s, h_t, dim=-1, eps=self.config.eps)
             distance = 1.0 - cos  # (B, T)
-            mask = features.attention_mask
+            mask = features.token_mask()  # the tokens in the loss (responses, say)
             # divide by global_count: with several processes, the count of all of them
             if mask is None:
                 total = total + distance.sum() / global_count(distance.numel(), distance.device)
