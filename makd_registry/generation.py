@@ -116,8 +116,6 @@ def _generate_instruction(teacher, data, tokenizer, config, batch_size, device, 
 
     train = data.train
     prompts = [list(r["input_ids"][: r["prompt_length"]]) for r in train]
-    room = [len(r["input_ids"]) for r in train]  # the longest row the data allowed
-    longest = max(room)
     answers = continue_prompts(
         teacher,
         prompts,
@@ -130,7 +128,6 @@ def _generate_instruction(teacher, data, tokenizer, config, batch_size, device, 
         decoding=decoding_options(config),
     )
     width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
-    width = max(width, longest)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     generated = torch.full((len(prompts), width), -100, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -180,6 +177,16 @@ def _generate_lm(
     return {"input_ids": input_ids, "attention_mask": mask, "generated": generated}
 
 
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) of ``prompts`` padded on the left to the longest."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
 def continue_prompts(
     model: Any,
     prompts: list[list[int]],
@@ -216,10 +223,8 @@ def continue_prompts(
     try:
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start : start + batch_size]
-                width = max(len(p) for p in chunk)
-                ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk])
-                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+                ids, mask = _left_padded(prompts[start : start + batch_size], pad_id)
+                width = ids.shape[1]
                 with ctx():
                     seq = model.generate(
                         input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
@@ -258,9 +263,7 @@ def sample_continuations(
     import torch
 
     ctx = autocast or contextlib.nullcontext
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    ids, mask = (t.to(device) for t in _left_padded(prompts, pad_id))
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in prompts]

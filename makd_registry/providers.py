@@ -155,6 +155,16 @@ class Provider:
         return type(self).transform_batch is not Provider.transform_batch
 
 
+def disagreements(needs: list[Need], message: str) -> list[tuple[Aspect, str]]:
+    """``[(node, message)]`` for the first need whose options differ from the first one's:
+    for providers that serve one set of options per objective."""
+    first = needs[0].requirement.key()
+    for need in needs[1:]:
+        if need.requirement.key() != first:
+            return [(need.node, message)]
+    return []
+
+
 def check_provider(provider: Any) -> None:
     """Raise ``TypeError`` explaining what is wrong with an object offered as a provider."""
     if isinstance(provider, type):

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from makd_registry import Aspect, AspectConfig, Feature, FeatureRequest, hookimpl
-from makd_registry.providers import Provider, Requirement
+from makd_registry.providers import Provider, Requirement, disagreements
 
 #: the requirement kind of on-policy student samples
 STUDENT_SAMPLES = "student_samples"
@@ -124,18 +124,11 @@ class StudentSamples(Provider):
                     "teacher output covers them (drop teacher.cache / training.teacher_cache)",
                 )
             )
-        first = needs[0].requirement.key()
-        for need in needs[1:]:
-            if need.requirement.key() != first:
-                problems.append(
-                    (
-                        need.node,
-                        "all gkd terms of one objective must use the same lmbda, temperature "
-                        "and max_new_tokens (one sample per row and step)",
-                    )
-                )
-                break
-        return problems
+        return problems + disagreements(
+            needs,
+            "all gkd terms of one objective must use the same lmbda, temperature and "
+            "max_new_tokens (one sample per row and step)",
+        )
 
     def provide(self, needs, context):
         options = needs[0].requirement.options

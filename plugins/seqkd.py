@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from makd_registry import Aspect, AspectConfig, Feature, FeatureRequest, hookimpl
-from makd_registry.providers import Provider, Requirement
+from makd_registry.providers import Provider, Requirement, disagreements
 from makd_registry.strict import raise_at
 
 #: the requirement kind of teacher-generated targets
@@ -99,18 +99,11 @@ class TeacherTargets(Provider):
             problems.append(
                 (needs[0].node, "seqkd needs a teacher section (the teacher generates the targets)")
             )
-        first = needs[0].requirement.key()
-        for need in needs[1:]:
-            if need.requirement.key() != first:
-                problems.append(
-                    (
-                        need.node,
-                        "all seqkd terms of one objective must use the same decoding options "
-                        "(the teacher generates its targets once, before training)",
-                    )
-                )
-                break
-        return problems
+        return problems + disagreements(
+            needs,
+            "all seqkd terms of one objective must use the same decoding options "
+            "(the teacher generates its targets once, before training)",
+        )
 
     def provide(self, needs, context):
         import time

@@ -49,30 +49,13 @@ def evaluate(
     for name, view in sets:
         if view.validation is None:
             continue
-        scores = _evaluate_set(
-            model,
-            view,
-            tokenizer,
-            batch_size=batch_size,
-            device=device,
-            autocast=autocast,
-            max_new_tokens=max_new_tokens,
-        )
+        scores = _evaluate_set(model, view, tokenizer, batch_size, device, autocast, max_new_tokens)
         out.update({(f"{name}.{k}" if name else k): v for k, v in scores.items()})
     return out
 
 
-def _evaluate_set(
-    model: Any,
-    data: Any,
-    tokenizer: Any,
-    *,
-    batch_size: int,
-    device: torch.device,
-    autocast: Any = None,
-    max_new_tokens: int = 64,
-) -> dict[str, float]:
-    """Metrics of ``model`` on ``data.validation``."""
+def _evaluate_set(model, data, tokenizer, batch_size, device, autocast, max_new_tokens):
+    """Metrics of ``model`` on ``data.validation`` (the arguments of :func:`evaluate`)."""
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
