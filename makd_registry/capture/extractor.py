@@ -46,6 +46,7 @@ class FeatureExtractor:
         teacher_adapter: ArchitectureAdapter | None = None,
         *,
         span_logits: bool = False,
+        block_access: Any = None,
     ) -> None:
         self.plan = plan
         #: extractive QA: (B, 2, T) start/end logits, padded positions set to -1e4 on both
@@ -64,6 +65,9 @@ class FeatureExtractor:
             raise ArchitectureError("; ".join(problems))
         self.causal = student_adapter.causal
         self.student = ModelCapture(student, student_adapter, self.student_info, plan.student)
+        #: the student's modules applied to the teacher's inputs run outside its forward:
+        #: ``block_access`` makes a block's parameters usable there (a sharded student)
+        self.student.block_access = block_access
         self.teacher = (
             ModelCapture(teacher, teacher_adapter, self.teacher_info, plan.teacher)
             if teacher is not None and teacher_adapter is not None and self.teacher_info

@@ -52,6 +52,10 @@ class ModelCapture:
         self._handles: list[Any] = []
         self._features = sorted(plan.features, key=str)  # fixed order, computed once
         self.recording = True
+        #: how a block's parameters are reached outside the model's forward (see
+        #: :meth:`apply_module`): ``block_access(block)`` is called first; a sharded model
+        #: (FSDP2) gathers the block's parameters there. None: they are ordinary tensors.
+        self.block_access: Callable[[nn.Module], None] | None = None
 
     # -- which raw tensors -------------------------------------------------------------
 
@@ -215,6 +219,8 @@ class ModelCapture:
     def apply_module(self, feature: Feature, layer: int, x: torch.Tensor) -> torch.Tensor:
         """This model's ``feature`` module at ``layer`` applied to ``x`` (with gradients)."""
         block = self.layers[layer]
+        if self.block_access is not None:
+            self.block_access(block)
         role = INPUT_ROLE[feature]
         if feature is Feature.FFN_INTERMEDIATE:
             module: nn.Module | None = None

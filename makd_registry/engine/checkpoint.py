@@ -1,19 +1,29 @@
-"""Resumable checkpoints, replaced atomically.
+"""Resumable checkpoints, written by every process together and replaced atomically.
 
-A checkpoint holds the student's weights and the aspects' trainable modules (safetensors),
-the optimizer and scheduler state (``torch.save``, loaded back with ``weights_only=True``),
-the RNG states, the data position and the objective's fingerprint (JSON).
+A checkpoint (format 2) holds, through :mod:`torch.distributed.checkpoint` (DCP) in its
+safetensors storage (no pickle anywhere): the student's weights and the aspects' trainable
+modules (alignment maps), and the optimizer's tensors (AdamW's moments and step counts),
+each process writing its own shards (``shard-0000R-model-00001-of-00001.safetensors``); and
+in ``state.json``: the optimizer's other settings, the scheduler, every process's RNG
+states, the data position and the objective's fingerprint. The data position is global
+(step, epoch, offset in the epoch's permutation): each process derives its rows from it, so
+a checkpoint resumes on any number of processes (DCP reshards the tensors on load).
 
 Layout in the run directory::
 
     checkpoints/step-00000400/   complete checkpoints (normally one)
     checkpoint -> checkpoints/step-00000400   the current one (a relative symlink)
 
-A new checkpoint is written into a temporary directory, flushed to disk, renamed to its
-``step-N`` name, and only then does the ``checkpoint`` link switch to it, by an atomic
-rename of a new link over the old one; older step directories are removed after that. At
-every moment ``checkpoint`` names a complete checkpoint: a run killed at any point keeps
-the previous one (or the new one, once the link has switched).
+A new checkpoint is written into a temporary directory (the main process creates it and
+tells the others its name), flushed to disk, renamed to its ``step-N`` name, and only then
+does the ``checkpoint`` link switch to it, by an atomic rename of a new link over the old
+one; older step directories are removed after that. At every moment ``checkpoint`` names a
+complete checkpoint: a run killed at any point keeps the previous one (or the new one, once
+the link has switched). With several machines the run directory must be on a file system
+they share.
+
+Format 1 (makd before 0.x: ``student.safetensors``, ``modules.safetensors``,
+``optimizer.pt`` read with ``weights_only=True``) is still read, by an unsharded student.
 """
 
 from __future__ import annotations
@@ -35,7 +45,10 @@ from .faults import fault_point
 STATE = "state.json"
 LINK = "checkpoint"
 STORE = "checkpoints"
-#: files of a complete checkpoint (modules.safetensors only when the objective has modules)
+#: the checkpoint format this makd writes (``state.json``'s ``format``; absent: 1)
+FORMAT = 2
+#: files of a complete format-1 checkpoint (modules.safetensors only when the objective has
+#: modules); a format-2 checkpoint lists its shard files in state.json
 REQUIRED = ("student.safetensors", "optimizer.pt", STATE)
 
 
@@ -75,8 +88,29 @@ def checkpoint_dir(run_dir: Path) -> Path | None:
     # the newest complete checkpoint
     store = Path(run_dir) / STORE
     steps = sorted(store.glob("step-*")) if store.is_dir() else []
-    complete = [d for d in steps if all((d / name).is_file() for name in REQUIRED)]
+    complete = [d for d in steps if _complete(d)]
     return complete[-1] if complete else None
+
+
+def _complete(directory: Path) -> bool:
+    """Whether ``directory`` holds every file its checkpoint format needs."""
+    try:
+        state = json.loads((directory / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and not _missing(directory, state)
+
+
+def _missing(directory: Path, state: dict[str, Any]) -> list[str]:
+    if state.get("format", 1) == 1:
+        names: list[Any] = list(REQUIRED)
+    else:
+        names = state.get("files")
+        if not isinstance(names, list) or not names or not all(
+            isinstance(n, str) and "/" not in n and n.endswith(".safetensors") for n in names
+        ):
+            return ["its list of shard files (state.json 'files')"]
+    return [str(n) for n in names if not (directory / n).is_file()]
 
 
 def read_state(run_dir: Path) -> dict[str, Any] | None:
@@ -91,53 +125,127 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{directory / STATE}: cannot read the checkpoint: {exc}") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{directory / STATE}: not a makd checkpoint (no step)")
-    missing = [name for name in REQUIRED if not (directory / name).is_file()]
+    if state.get("format", 1) not in (1, FORMAT):
+        raise CheckpointError(
+            f"{directory / STATE}: checkpoint format {state.get('format')!r}, which this makd "
+            f"does not read (it reads 1 and {FORMAT}): resume with the makd that wrote it"
+        )
+    missing = _missing(directory, state)
     if missing:
         raise CheckpointError(f"{directory}: the checkpoint has no {', '.join(missing)}")
     return state
 
 
+def _flat_state(train_state: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
+    """``(tensors, settings)``: the model's and the optimizer's tensors by name (this
+    process's shards of sharded ones), and the optimizer's other (JSON-able) entries."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(
+        train_state, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True)
+    )
+    tensors = {f"model.{k}": v for k, v in model_sd.items()}
+    settings: dict[str, Any] = {}
+    for key, value in optim_sd.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"optim.{key}"] = value
+        else:
+            settings[key] = value
+    return tensors, settings
+
+
+def _quiet() -> Any:
+    import warnings
+
+    manager = warnings.catch_warnings()
+    manager.__enter__()
+    # one process: DCP notes that it runs without a process group, which is the intent
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    return manager
+
+
+def _shared_tag(world_size: int) -> str:
+    """A name all processes agree on (the main process draws it)."""
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if world_size > 1:
+        import torch.distributed as dist
+
+        box = [tag]
+        dist.broadcast_object_list(box, src=0)
+        tag = str(box[0])
+    return tag
+
+
 def save_checkpoint(
     run_dir: Path,
     *,
-    student: torch.nn.Module,
-    modules: torch.nn.Module,
+    train_state: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: dict[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Path:
-    """Write a checkpoint of step ``state["step"]`` and make it the current one."""
-    from safetensors.torch import save_model
+    """Write a checkpoint of step ``state["step"]`` and make it the current one. Every
+    process calls it (a collective); the main process writes ``state.json`` and switches
+    the link. ``state`` must be JSON-able (it holds every process's RNG states)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     run_dir = Path(run_dir)
     store = run_dir / STORE
-    store.mkdir(parents=True, exist_ok=True)
     step = int(state["step"])
     name = f"step-{step:08d}"
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    final = store / name
+    tag = _shared_tag(world_size)
     tmp = store / f".{name}.tmp-{tag}"
-    tmp.mkdir()
+    if rank == 0:
+        store.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    _barrier(world_size)
     try:
-        rng = {"python": _jsonable(random.getstate()), "numpy": _numpy_state()}
-        save_model(student, str(tmp / "student.safetensors"))
-        if len(list(modules.parameters())):
-            save_model(modules, str(tmp / "modules.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-            tmp / "optimizer.pt",
-        )
-        (tmp / STATE).write_text(json.dumps({**state, "rng": rng}, indent=1), encoding="utf-8")
+        tensors, settings = _flat_state(train_state, optimizer)
+        quiet = _quiet()
+        try:
+            dcp.save(
+                tensors,
+                storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True),
+                no_dist=world_size <= 1,
+            )
+        finally:
+            quiet.__exit__(None, None, None)
+        if rank != 0:
+            return final
+        files = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".safetensors"))
+        document = {
+            **state,
+            "format": FORMAT,
+            "world_size": world_size,
+            "files": files,
+            "optimizer": _jsonable(settings),
+            "scheduler": _jsonable(scheduler.state_dict()),
+        }
+        (tmp / STATE).write_text(json.dumps(document, indent=1), encoding="utf-8")
         for item in tmp.iterdir():
             _fsync_file(item)
         _fsync_dir(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return _commit(run_dir, tmp, name, step, tag)
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _commit(run_dir: Path, tmp: Path, name: str, step: int, tag: str) -> Path:
+    """The complete checkpoint in ``tmp`` becomes ``checkpoints/NAME`` and the current one."""
+    store = run_dir / STORE
     final = store / name
     current = checkpoint_dir(run_dir)
     if final.exists() and (current is None or current != final.resolve()):
@@ -168,18 +276,100 @@ def save_checkpoint(
 def load_checkpoint(
     run_dir: Path,
     *,
-    student: torch.nn.Module,
-    modules: torch.nn.Module,
+    train_state: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    world_size: int = 1,
+    sharded: bool = False,
 ) -> dict[str, Any]:
-    """Restore everything :func:`save_checkpoint` wrote; returns the saved ``state``."""
-    from safetensors.torch import load_model
-
+    """Restore the model, the modules, the optimizer and the scheduler that
+    :func:`save_checkpoint` wrote (on any number of processes: every process calls it);
+    returns the saved ``state`` (with every process's RNG states in ``rank_rng``)."""
     state = read_state(run_dir)
     directory = checkpoint_dir(run_dir)
     if state is None or directory is None:
         raise CheckpointError(f"{Path(run_dir) / LINK}: no checkpoint to resume from")
+    if state.get("format", 1) == 1:
+        if sharded:
+            raise CheckpointError(
+                f"{directory}: a checkpoint of an older makd (format 1), which a sharded "
+                "student (training.distributed.strategy: fsdp) cannot read: resume it with "
+                "strategy replicate or ddp (its next checkpoint is of the current format)"
+            )
+        return _load_format1(directory, state, train_state, optimizer, scheduler)
+    try:
+        _load_format2(directory, state, train_state, optimizer, scheduler, world_size)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # DCP, safetensors and load_state_dict raise many kinds
+        raise CheckpointError(
+            f"{directory}: the checkpoint does not match this run's student and objective "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _load_format2(
+    directory: Path,
+    state: dict[str, Any],
+    train_state: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    world_size: int,
+) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    tensors, settings = _flat_state(train_state, optimizer)  # what this run holds, to fill
+    saved = state.get("optimizer")
+    if not isinstance(saved, dict) or set(saved) != set(settings):
+        raise CheckpointError(
+            f"{directory / STATE}: the optimizer's settings do not match this run's student "
+            "and objective"
+        )
+    quiet = _quiet()
+    try:
+        dcp.load(
+            tensors,
+            storage_reader=HuggingFaceStorageReader(str(directory)),
+            no_dist=world_size <= 1,
+        )
+    finally:
+        quiet.__exit__(None, None, None)
+    model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    optim_sd: dict[str, Any] = {
+        k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")
+    }
+    for key, value in saved.items():  # JSON made tuples lists: back to this run's types
+        optim_sd[key] = tuple(value) if isinstance(settings[key], tuple) else value
+    set_state_dict(
+        train_state,
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(flatten_optimizer_state_dict=True),
+    )
+    scheduler.load_state_dict(state["scheduler"])
+
+
+def _load_format1(
+    directory: Path,
+    state: dict[str, Any],
+    train_state: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """A checkpoint of an older makd: whole tensors in safetensors, the optimizer in
+    ``optimizer.pt`` (read with ``weights_only=True``)."""
+    from safetensors.torch import load_model
+
+    student, modules = train_state.student, train_state.aspects
     try:
         load_model(student, str(directory / "student.safetensors"), strict=True)
         if len(list(modules.parameters())):
@@ -197,7 +387,7 @@ def load_checkpoint(
     except Exception as exc:  # safetensors, torch.load and load_state_dict raise many kinds
         raise CheckpointError(
             f"{directory}: the checkpoint does not match this run's student and objective "
-            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''})"
+            f"({type(exc).__name__}: {_first_line(exc)})"
         ) from None
     torch.set_rng_state(blob["torch_rng"])
     if blob["cuda_rng"] and torch.cuda.is_available():

@@ -46,12 +46,15 @@ class EmbeddingGradients:
     tied embeddings (the output layer's gradient is dense anyway), frozen ones, ``max_norm``
     embeddings, and compiled students."""
 
-    def __init__(self, model: Any, device: torch.device, *, compiled: bool = False) -> None:
+    def __init__(
+        self, model: Any, device: torch.device, *, compiled: bool = False, enabled: bool = True
+    ) -> None:
         embedding = input_embedding(model)
         self.embedding = None
         self.buffer: torch.Tensor | None = None
         if (
-            embedding is None
+            not enabled  # a wrapper that reduces gradients itself (ddp, fsdp)
+            or embedding is None
             or device.type != "cpu"
             or compiled
             or not embedding.weight.requires_grad

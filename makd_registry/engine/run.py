@@ -153,6 +153,10 @@ class Run:
         if options.resume and options.overwrite:
             raise RunError("--resume and --overwrite exclude each other")
         self.world: World = World()
+        #: how the processes share the models, decided by the plan (:mod:`.parallel`)
+        from .parallel import Placement
+
+        self.placement = Placement()
         self.rundir = RunDirectory(self.run_dir, resume=options.resume, overwrite=options.overwrite)
         #: the teacher artifact the run reads (``teacher.cache``), opened by the plan
         self.artifact_dir: Path | None = None
@@ -604,16 +608,100 @@ class Run:
             estimate["total_excluding_activations"] -= estimate["teacher_weights"]
             estimate["teacher_weights"] = 0.0
         available = available_memory_mb(self.device)
+        if available is not None and self.device.type == "cpu":
+            available /= _local_processes(self.world.world_size)  # they share the machine
+        self.placement = self._place(estimate, available)
         need = estimate["total_excluding_activations"]
+        world = self.world.world_size
+        if self.placement.strategy == "fsdp":  # each process holds its shard of the state
+            need -= estimate["student_weights_grads_adam"] * (1 - 1 / world)
+        if self.placement.teacher == "fsdp":
+            need -= estimate.get("teacher_weights", 0.0) * (1 - 1 / world)
         if available is not None and need > available:
             raise RunError(
-                f"this run needs at least {need / 1024:.1f} GiB on {self.device} (student "
-                f"weights, gradients and AdamW state, the teacher, and the captured features "
-                f"of a micro-batch of {micro}; activations not counted), but the device has "
-                f"{available / 1024:.1f} GiB: lower training.batch_size (or raise "
-                "gradient_accumulation), data.max_length, or use a smaller student"
+                f"this run needs at least {need / 1024:.1f} GiB on {self.device} per process "
+                f"(student weights, gradients and AdamW state, the teacher, and the captured "
+                f"features of a micro-batch of {micro}; activations not counted), but a "
+                f"process has {available / 1024:.1f} GiB: lower training.batch_size (or raise "
+                "gradient_accumulation), data.max_length, use a smaller student, or shard "
+                "with more processes (training.distributed, docs/running.md)"
             )
         return estimate
+
+    def _place(self, estimate: dict[str, float], process_mb: float | None) -> Any:
+        """``training.distributed`` decided for this run (:func:`.parallel.resolve_placement`),
+        and what a sharded student or teacher cannot do refused, located."""
+        from .parallel import resolve_placement
+
+        section = self.training.distributed
+        where = ("training", "distributed")
+        problems: list[tuple[tuple[Any, ...], str]] = []
+        unshardable = self._unshardable()
+        if section.strategy == "fsdp":
+            problems += [(where + ("strategy",), why) for why in unshardable]
+        if section.teacher == "fsdp" and self.artifact_dir is not None:
+            problems.append(
+                (
+                    where + ("teacher",),
+                    "the teacher's outputs come from its artifact (teacher.cache): it has no "
+                    "weights to shard; drop training.distributed.teacher",
+                )
+            )
+        if section.teacher == "fsdp" and self.spec.teacher is None:
+            problems.append((where + ("teacher",), "the objective has no teacher to shard"))
+        if section.teacher_offload and section.teacher == "replicate":
+            problems.append(
+                (
+                    where + ("teacher_offload",),
+                    "offloading keeps a sharded teacher's shards in CPU memory: it needs "
+                    "teacher: fsdp (or auto)",
+                )
+            )
+        if problems:
+            raise ObjectiveError(
+                [self.resolved.source.diagnostic(at, message) for at, message in problems]
+            )
+        if unshardable and section.strategy == "auto":  # auto never picks what cannot run
+            section = section.model_copy(update={"strategy": "ddp"})
+        placement = resolve_placement(
+            section,
+            self.world.world_size,
+            student_state_mb=estimate.get("student_weights_grads_adam", 0.0),
+            teacher_mb=estimate.get("teacher_weights", 0.0),
+            process_memory_mb=process_mb,
+            has_teacher=self.spec.teacher is not None and self.artifact_dir is None,
+        )
+        if placement.teacher_offload and self.device.type != "cuda":
+            self.say(
+                "note: training.distributed.teacher_offload has no effect on the CPU (the "
+                "teacher's shards are in CPU memory already)"
+            )
+        return placement
+
+    def _unshardable(self) -> list[str]:
+        """Why this objective cannot train a sharded (fsdp) student; empty when it can."""
+        out = []
+        if self.training.compile:
+            out.append(
+                "training.compile and a sharded student (fsdp) are not combined by makd: "
+                "compile with strategy ddp or replicate"
+            )
+        for kind in sorted(self._batch_kinds()):
+            out.append(
+                f"'{kind}' makes batches with the student during training (e.g. GKD's "
+                "samples), which a student sharded across processes cannot do in step: use "
+                "strategy ddp or replicate"
+            )
+        return out
+
+    def _batch_kinds(self) -> set[str]:
+        from ..providers import collect_needs
+
+        return {
+            kind
+            for kind in collect_needs(self.resolved.root)
+            if self._transforms_batches(kind)
+        }
 
     # -- act -----------------------------------------------------------------------------
 
@@ -660,6 +748,7 @@ class Run:
                 autocast=self.autocast,
                 rank=self.world.rank,
                 world_size=self.world.world_size,
+                parallel=self._parallel(),
             )
             fit(
                 trainer,
@@ -686,15 +775,19 @@ class Run:
                     ),
                 ),
             )
-        scores = self._evaluate(model, plan.data, plan.tokenizer)
-        self.say(f"teacher trained in {time.perf_counter() - start:.0f}s: " + fmt_scores(scores))
-        if self.world.main:
-            save_student(
-                model,
-                directory,
-                tokenizer=plan.tokenizer,
-                record={"teacher_key": key, "eval": scores},
+        with trainer.parallel.full_student() as whole:  # a collective when sharded
+            scores = self._evaluate(whole[0], plan.data, plan.tokenizer) if whole else {}
+            self.say(
+                f"teacher trained in {time.perf_counter() - start:.0f}s: " + fmt_scores(scores)
             )
+            if self.world.main and whole is not None:
+                save_student(
+                    whole[0],
+                    directory,
+                    tokenizer=plan.tokenizer,
+                    record={"teacher_key": key, "eval": scores},
+                )
+        trainer.parallel.close()
         self.world.barrier()
         record = read_record(directory) or {}
         return load_student(directory).to(self.device), dict(record.get("eval") or {})
@@ -774,6 +867,18 @@ class Run:
             max_new_tokens=self.spec.data.max_new_tokens,
         )
 
+    def _evaluate_student(self, trainer: Trainer, data: Any, tokenizer: Any) -> dict[str, float]:
+        """The student's scores, on the main process; a sharded student is gathered whole
+        for it (a collective: every process calls this)."""
+        with trainer.parallel.full_student() as whole:
+            return self._evaluate(whole[0], data, tokenizer) if whole is not None else {}
+
+    def _parallel(self) -> Any:
+        """A fresh strategy object of this run's placement (:mod:`.parallel`)."""
+        from .parallel import make_parallel
+
+        return make_parallel(self.placement, self.world.world_size, self.device, self.bf16)
+
     def _record(self, plan: Plan) -> tuple[dict[str, Any], dict[str, str]]:
         """``run.json`` and the files a new run directory starts with."""
         record = {
@@ -784,6 +889,7 @@ class Run:
             "fingerprint": fingerprint(plan.resolved, plan.inputs),
             "inputs": plan.inputs,
             "processes": self.world.world_size,
+            "distributed": self.placement.describe(),
             "labels": getattr(plan.data, "label_names", None),
         }
         files = {
@@ -820,6 +926,7 @@ class Run:
             teacher_artifact=self.artifact,
             batch_providers=self._batch_providers(),
             eos_id=getattr(tokenizer, "eos_token_id", None),
+            parallel=self._parallel(),
         )
         state: dict[str, Any] = {}
         if self.options.resume:
@@ -842,6 +949,14 @@ class Run:
                     ("; changed: " + "; ".join(c.describe() for c in accepted)) if accepted else ""
                 )
                 self.say(f"resumed from step {trainer.step} ({run_dir / 'checkpoint'}){note}")
+                if state.get("reseeded"):
+                    self.say(
+                        f"note: the checkpoint was written by {state['reseeded']} process(es) "
+                        f"and this run has {self.world.world_size}: each process's random "
+                        "streams (dropout) start afresh from the seed, so the steps from here "
+                        "differ from a run that kept its number of processes wherever dropout "
+                        "is on"
+                    )
             summary = self._loop(trainer, plan, models, student, teacher, teacher_eval, state)
             self.finish(setup, trainer, summary)
         return summary
@@ -852,22 +967,30 @@ class Run:
         from ..models.serialization import save_student
 
         run_dir = self.run_dir
-        if self.world.main:
-            save_student(
-                setup.student,
-                run_dir / STUDENT,
-                tokenizer=setup.plan.tokenizer,
-                record={
-                    "recipe": setup.models.recipe,
-                    "objective": str(self.path),
-                    "eval": summary["student"],
-                    "teacher_eval": summary["teacher"],
-                },
-            )
-            if len(list(trainer.modules.parameters())):
-                from safetensors.torch import save_model
+        with trainer.parallel.full_student() as whole:  # a collective when sharded
+            if self.world.main and whole is not None:
+                student, modules = whole
+                save_student(
+                    student,
+                    run_dir / STUDENT,
+                    tokenizer=setup.plan.tokenizer,
+                    record={
+                        "recipe": setup.models.recipe,
+                        "objective": str(self.path),
+                        "eval": summary["student"],
+                        "teacher_eval": summary["teacher"],
+                        "distributed": {
+                            "processes": self.world.world_size,
+                            **self.placement.describe(),
+                        },
+                    },
+                )
+                if len(list(modules.parameters())):
+                    from safetensors.torch import save_model
 
-                save_model(trainer.modules, str(run_dir / STUDENT / "aspect_modules.safetensors"))
+                    save_model(modules, str(run_dir / STUDENT / "aspect_modules.safetensors"))
+        trainer.parallel.close()
+        if self.world.main:
             from .plots import plot_run
 
             summary["plots"] = [str(p) for p in plot_run(read_metrics(run_dir / METRICS), run_dir)]
@@ -908,6 +1031,7 @@ class Run:
             )
         if metrics is not None and teacher_eval and not self.options.resume:
             metrics.write({"kind": "eval", "step": 0, "teacher": teacher_eval})
+        trainer.place_teacher()  # sharded (teacher fsdp) only now: it was evaluated whole
         top_terms = [c.path for c in self.resolved.root.children][:3]
         saved_at = trainer.step if self.options.resume else -1
         extra = {"teacher_eval": teacher_eval}
@@ -925,9 +1049,7 @@ class Run:
             nonlocal saved_at
             if saved_at != trainer.step:
                 extra["final_loss"] = loop.loss
-                rng = trainer.rank_rng_states()  # a collective: every process takes part
-                if self.world.main:
-                    trainer.save(run_dir, {**extra, "rank_rng": rng})
+                trainer.save(run_dir, extra)  # a collective: every process takes part
                 self.world.barrier()
                 saved_at = trainer.step
             self.rundir.commit()
@@ -940,7 +1062,7 @@ class Run:
             )
 
         host = LoopHost(
-            evaluate=lambda: self._evaluate(student, data, tokenizer),
+            evaluate=lambda: self._evaluate_student(trainer, data, tokenizer),
             checkpoint=save,
             interrupted=interrupted,
             checkpoint_at_end=bool(training.checkpoint_every),
@@ -961,7 +1083,7 @@ class Run:
         control = fit(trainer, callbacks, loop, host)
         student_eval = loop.scores
         if loop.evaluated_at != trainer.step:  # a resumed run with no step left to train
-            student_eval = self._evaluate(student, data, tokenizer)
+            student_eval = self._evaluate_student(trainer, data, tokenizer)
         summary = {
             "objective": str(self.path),
             "run_dir": str(run_dir),
@@ -1010,6 +1132,8 @@ class Run:
             "teacher_cache": str(self.artifact_dir) if self.artifact_dir is not None else None,
             "captured": plan.capture.summary(),
             "memory_estimate_mb": plan.memory_mb,
+            "processes": self.world.world_size,
+            "distributed": self.placement.describe(),
         }
 
 
@@ -1035,6 +1159,16 @@ def _name_labels(model: Any, data: Any) -> None:
         return
     model.config.id2label = {i: str(n) for i, n in enumerate(names)}
     model.config.label2id = {str(n): i for i, n in enumerate(names)}
+
+
+def _local_processes(world_size: int) -> int:
+    """The processes of this run on this machine (``torchrun`` sets LOCAL_WORLD_SIZE)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    except ValueError:
+        return max(1, world_size)
 
 
 def _pad_id(tokenizer: Any) -> int:

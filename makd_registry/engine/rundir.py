@@ -43,6 +43,8 @@ SAFE_CHANGES = (
     "training.log_every",
     "training.eval_every",
     "training.checkpoint_every",
+    # how processes share the work: the same update within rounding (docs/running.md)
+    "training.distributed",
 )
 
 

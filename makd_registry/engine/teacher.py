@@ -31,7 +31,14 @@ def teacher_key(spec: Any, base_dir: Path) -> str:
         stamp = [str(train), stat.st_size, int(stat.st_mtime)]
     training = finetune_training(spec).model_dump(
         mode="json",
-        exclude={"log_every", "eval_every", "checkpoint_every", "eval_batch_size", "teacher_cache"},
+        exclude={
+            "log_every",
+            "eval_every",
+            "checkpoint_every",
+            "eval_batch_size",
+            "teacher_cache",
+            "distributed",
+        },
     )
     payload = {
         # where the teacher's outputs are read from is not part of the teacher

@@ -12,6 +12,7 @@ is exactly the single-process one.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..capture import CapturePlan
 from ..capture.extractor import FeatureExtractor, model_inputs
+from ..capture.hooks import logits_of
 from ..data.collate import collate
 from ..losses import global_mean_scope
 from ..objective.build import build_objective, third_party_failure
@@ -29,7 +31,8 @@ from ..weighting import weighted_loss
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .embeddings import EmbeddingGradients, freeze_input_embeddings
 from .optim import make_optimizer
-from .seeding import purpose_seed, seeded
+from .parallel import Placement, TrainState, make_parallel
+from .seeding import purpose_seed, seed_all, seeded
 from .terms import TermRecorder
 
 
@@ -79,6 +82,9 @@ class Trainer:
     #: a teacher artifact (``teacher.cache``): every batch's teacher features are read from
     #: it (the teacher is then a meta-device model, never run)
     teacher_artifact: Any = None
+    #: how the processes share the student and the teacher (:mod:`.parallel`); None: one
+    #: process, or ``replicate``
+    parallel: Any = None
     step: int = 0
     epoch: int = 0
     position: int = 0
@@ -98,8 +104,17 @@ class Trainer:
         self.modules = AspectModules(self.root.modules()).to(self.device)
         if getattr(self.training, "embeddings", "train") == "freeze":
             freeze_input_embeddings(self.student)
+        if self.parallel is None:
+            self.parallel = make_parallel(Placement(), self.world_size, self.device, False)
+        # the student and the alignment modules, wrapped (DDP) or sharded (FSDP2) as one
+        # module before the optimizer sees their parameters
+        self.train_state = TrainState(self.student, self.modules)
+        self.parallel.wrap(self.train_state, self.student_adapter)
         self.embedding_grads = EmbeddingGradients(
-            self.student, self.device, compiled=bool(self.training.compile)
+            self.student,
+            self.device,
+            compiled=bool(self.training.compile),
+            enabled=self.parallel.sparse_embeddings,
         )
         params = [("student." + n, p) for n, p in self.student.named_parameters()]
         params += [("modules." + n, p) for n, p in self.modules.named_parameters()]
@@ -128,6 +143,7 @@ class Trainer:
                 self.teacher if plan.needs_teacher_forward else None,
                 self.teacher_adapter if plan.needs_teacher_forward else None,
                 span_logits=self.is_qa,
+                block_access=self.parallel.block_access,
             )
             if self.training.compile:
                 # hooks stay on the student's modules; the forward runs compiled
@@ -149,6 +165,12 @@ class Trainer:
         """Training is over: hooks removed and the student's modules as they were."""
         self.close()
         self.embedding_grads.close()
+
+    def place_teacher(self) -> None:
+        """The teacher placed as ``training.distributed.teacher`` says (sharded for
+        inference, or left whole); after its evaluation, before the first step."""
+        if self.teacher is not None and self.teacher_artifact is None:
+            self.parallel.place_teacher(self.teacher, self.teacher_adapter)
 
     # -- data --------------------------------------------------------------------------
 
@@ -252,27 +274,21 @@ class Trainer:
         accum = self.training.gradient_accumulation
         fx = self.extractor()
         total = 0.0
-        for batch in self.micro_batches():
+        parallel = self.parallel
+        for micro, batch in enumerate(self.micro_batches()):
             teacher = self._teacher_from_cache(fx, batch)
-            with self.autocast(), self._scope():
-                features, _ = fx(batch, step=self.step, teacher_features=teacher)
-                try:
-                    loss = weighted_loss(self.root, features)
-                except Exception as exc:  # a third-party aspect's bug is a plugin failure
-                    failure = third_party_failure(self.root, exc, f"at step {self.step + 1}")
-                    if failure is None:
-                        raise
-                    raise failure from None
-            if loss.requires_grad:  # a micro-batch whose terms all skip it has nothing to add
-                (loss / accum).backward()
+            with parallel.sync(micro == accum - 1):
+                with self.autocast(), self._scope():
+                    loss = parallel.forward(functools.partial(self._micro_loss, fx, batch, teacher))
+                if loss.requires_grad:  # a micro-batch whose terms all skip it adds nothing
+                    (loss / accum).backward()
             total += float(loss.detach()) / accum
         self.embedding_grads.densify()
-        if self.world_size > 1:
-            self._average_gradients()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        parallel.reduce_gradients(params)
         norm = None
         if self.training.max_grad_norm is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.training.max_grad_norm))
+            norm = parallel.clip(params, self.training.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -282,6 +298,22 @@ class Trainer:
         if self.world_size > 1:
             total, terms = self._average_logged(total, terms)
         return StepResult(self.step, total, terms, lr, norm)
+
+    def _micro_loss(self, fx: FeatureExtractor, batch: dict, teacher: Any) -> torch.Tensor:
+        """One micro-batch's weighted objective (inside :class:`TrainState`'s forward)."""
+        features, outputs = fx(batch, step=self.step, teacher_features=teacher)
+        try:
+            loss = weighted_loss(self.root, features)
+        except Exception as exc:  # a third-party aspect's bug is a plugin failure
+            failure = third_party_failure(self.root, exc, f"at step {self.step + 1}")
+            if failure is None:
+                raise
+            raise failure from None
+        if not loss.requires_grad and self.parallel.collective_backward:
+            # every process runs a backward (it is a collective under ddp and fsdp): a
+            # micro-batch whose terms all skip it here adds zeros, as it adds nothing alone
+            loss = loss + 0.0 * logits_of(outputs).float().sum()
+        return loss
 
     def _average_logged(self, total: float, terms: dict[str, float]) -> tuple[float, dict]:
         """The logged loss and terms of the global batch: the mean over ranks."""
@@ -348,45 +380,33 @@ class Trainer:
         cache.store(indices, batch["attention_mask"].sum(-1).tolist(), feats, inputs)
         return feats, inputs
 
-    def _average_gradients(self) -> None:
-        """Data parallelism: average every trainable gradient (student and aspect modules)
-        across ranks with one coalesced all-reduce. Each rank computed its share of the
-        global batch, so the result is the gradient of the global batch. Unlike PyTorch's
-        DistributedDataParallel wrapper this also covers gradients that flow outside the
-        student's forward (alignment maps, student matrices applied to teacher inputs)."""
-        import torch.distributed as dist
-
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for p, g in zip(params, grads, strict=True):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
-
     # -- checkpoints -------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "position": self.position}
 
     def save(self, run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write a checkpoint of this step into ``run_dir`` (see :mod:`.checkpoint`)."""
+        """Write a checkpoint of this step into ``run_dir`` (see :mod:`.checkpoint`):
+        every process calls it (a collective)."""
         return save_checkpoint(
             run_dir,
-            student=self.student,
-            modules=self.modules,
+            train_state=self.train_state,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            state={**self.state(), **(extra or {})},
+            state={
+                **self.state(),
+                **(extra or {}),
+                "rank_rng": self.rank_rng_states(),
+                "strategy": self.parallel.name,
+            },
+            rank=self.rank,
+            world_size=self.world_size,
         )
 
-    def rank_rng_states(self) -> list[dict[str, Any]] | None:
-        """Every process's RNG states, gathered (a collective); None for one process."""
+    def rank_rng_states(self) -> list[dict[str, Any]]:
+        """Every process's RNG states, in rank order (gathered: a collective)."""
         if self.world_size <= 1:
-            return None
+            return [rng_state()]
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world_size
@@ -394,17 +414,27 @@ class Trainer:
         return out
 
     def resume(self, run_dir: Path) -> dict[str, Any]:
+        """Continue from ``run_dir``'s checkpoint, written by any number of processes
+        (every process calls it). Each process continues its own random streams when the
+        number of processes is the one that wrote the checkpoint; otherwise each is
+        reseeded from the seed, the step and its rank (``state["reseeded"]``)."""
         state = load_checkpoint(
             run_dir,
-            student=self.student,
-            modules=self.modules,
+            train_state=self.train_state,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
+            world_size=self.world_size,
+            sharded=self.parallel.sharded,
         )
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         ranks = state.get("rank_rng")
-        if ranks and len(ranks) == self.world_size and self.world_size > 1:
+        if ranks and len(ranks) == self.world_size:
             set_rng_state(ranks[self.rank])  # each process continues its own streams
+        elif ranks or self.world_size > 1:
+            # another number of processes wrote it: the streams (dropout) cannot continue
+            purpose = f"train:resume:{self.step}:{self.rank}/{self.world_size}"
+            seed_all(purpose_seed(self.training.seed, purpose))
+            state["reseeded"] = len(ranks) if ranks else 1
         # the learning rate of the next step follows this run's schedule (its total steps
         # may have grown since the checkpoint)
         sched = self.scheduler

@@ -326,6 +326,37 @@ class TeacherCacheSection(StrictModel):
     )
 
 
+class DistributedSection(StrictModel):
+    """How several processes (``torchrun``) share the student and the teacher."""
+
+    strategy: Literal["auto", "replicate", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="replicate: every process holds the whole student, and the gradients "
+        "are averaged in one all-reduce after the backward. ddp: PyTorch's "
+        "DistributedDataParallel (bucketed all-reduce overlapping the backward). fsdp: FSDP2, "
+        "the student sharded per transformer block (alignment modules with its root), "
+        "parameters gathered only while a block runs. auto: fsdp when the student's "
+        "training state (weights, gradients, AdamW) would take more than a quarter of a "
+        "process's device memory, else ddp. One process: the plain single-process loop.",
+    )
+    teacher: Literal["auto", "replicate", "fsdp"] = Field(
+        default="auto",
+        description="replicate: every process holds the whole teacher. fsdp: the teacher "
+        "sharded with FSDP2 for inference only (no gradients, no optimizer state). auto: "
+        "fsdp when its weights would take more than a quarter of a process's device memory.",
+    )
+    teacher_offload: bool = Field(
+        default=False,
+        description="With teacher fsdp on CUDA: keep the teacher's shards in CPU memory, "
+        "copied to the device block by block as it runs.",
+    )
+    reshard_after_forward: bool = Field(
+        default=True,
+        description="fsdp: free each student block's gathered parameters after its forward "
+        "(gathered again for its backward); false keeps them until the backward, for speed.",
+    )
+
+
 class TrainingSection(StrictModel):
     """How long and how fast to train."""
 
@@ -364,6 +395,11 @@ class TrainingSection(StrictModel):
         default=None,
         description="Cache the teacher's features ({} for the defaults): epochs after the "
         "first read them instead of running the teacher.",
+    )
+    distributed: DistributedSection = Field(
+        default_factory=DistributedSection,
+        description="Several processes under torchrun: how the student and the teacher are "
+        "placed (see docs/running.md).",
     )
     callbacks: list[CallbackNode] = Field(
         default_factory=list,
