@@ -106,8 +106,12 @@ def _missing(directory: Path, state: dict[str, Any]) -> list[str]:
         names: list[Any] = list(REQUIRED)
     else:
         names = state.get("files")
-        if not isinstance(names, list) or not names or not all(
-            isinstance(n, str) and "/" not in n and n.endswith(".safetensors") for n in names
+        if (
+            not isinstance(names, list)
+            or not names
+            or not all(
+                isinstance(n, str) and "/" not in n and n.endswith(".safetensors") for n in names
+            )
         ):
             return ["its list of shard files (state.json 'files')"]
     return [str(n) for n in names if not (directory / n).is_file()]
@@ -137,21 +141,35 @@ def read_state(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _flat_state(train_state: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
-    """``(tensors, settings)``: the model's and the optimizer's tensors by name (this
-    process's shards of sharded ones), and the optimizer's other (JSON-able) entries."""
+    """``(tensors, settings, aliases)``: the model's and the optimizer's tensors by name
+    (this process's shards of sharded ones), the optimizer's other (JSON-able) entries, and
+    ``{name: name it shares its tensor with}`` (tied weights, such as an output layer tied to
+    the input embeddings, are stored once)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_sd, optim_sd = get_state_dict(
         train_state, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True)
     )
-    tensors = {f"model.{k}": v for k, v in model_sd.items()}
+    tensors: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in model_sd.items():
+        name = f"model.{key}"
+        local = value.to_local() if hasattr(value, "to_local") else value
+        if isinstance(local, torch.Tensor) and local.numel():
+            where = (local.data_ptr(), tuple(local.shape), local.stride(), local.dtype)
+            if where in seen:
+                aliases[name] = seen[where]
+                continue
+            seen[where] = name
+        tensors[name] = value
     settings: dict[str, Any] = {}
     for key, value in optim_sd.items():
         if isinstance(value, torch.Tensor):
             tensors[f"optim.{key}"] = value
         else:
             settings[key] = value
-    return tensors, settings
+    return tensors, settings, aliases
 
 
 def _quiet() -> Any:
@@ -204,7 +222,7 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier(world_size)
     try:
-        tensors, settings = _flat_state(train_state, optimizer)
+        tensors, settings, _ = _flat_state(train_state, optimizer)
         quiet = _quiet()
         try:
             dcp.save(
@@ -326,7 +344,8 @@ def _load_format2(
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    tensors, settings = _flat_state(train_state, optimizer)  # what this run holds, to fill
+    # what this run holds, to be filled in place
+    tensors, settings, aliases = _flat_state(train_state, optimizer)
     saved = state.get("optimizer")
     if not isinstance(saved, dict) or set(saved) != set(settings):
         raise CheckpointError(
@@ -342,6 +361,8 @@ def _load_format2(
         )
     finally:
         quiet.__exit__(None, None, None)
+    for name, same in aliases.items():
+        tensors[name] = tensors[same]
     model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     optim_sd: dict[str, Any] = {
         k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")

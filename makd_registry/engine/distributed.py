@@ -46,4 +46,7 @@ def close_world(world: World) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            import gc
+
+            gc.collect()  # wrappers (DDP, FSDP2) still holding the group go first
             dist.destroy_process_group()

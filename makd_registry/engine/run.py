@@ -698,9 +698,7 @@ class Run:
         from ..providers import collect_needs
 
         return {
-            kind
-            for kind in collect_needs(self.resolved.root)
-            if self._transforms_batches(kind)
+            kind for kind in collect_needs(self.resolved.root) if self._transforms_batches(kind)
         }
 
     # -- act -----------------------------------------------------------------------------
