@@ -3,7 +3,8 @@
 A checkpoint (format 2) holds, through :mod:`torch.distributed.checkpoint` (DCP) in its
 safetensors storage (no pickle anywhere): the student's weights and the aspects' trainable
 modules (alignment maps), and the optimizer's tensors (AdamW's moments and step counts),
-each process writing its own shards (``shard-0000R-model-00001-of-00001.safetensors``); and
+each process writing its own shards (``shard-0000K-model-00001-of-00001.safetensors``, K the
+rank + 1); and
 in ``state.json``: the optimizer's other settings, the scheduler, every process's RNG
 states, the data position and the objective's fingerprint. The data position is global
 (step, epoch, offset in the epoch's permutation): each process derives its rows from it, so
@@ -315,11 +316,14 @@ def load_checkpoint(
                 "strategy replicate or ddp (its next checkpoint is of the current format)"
             )
         return _load_format1(directory, state, train_state, optimizer, scheduler)
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         _load_format2(directory, state, train_state, optimizer, scheduler, world_size)
     except CheckpointError:
         raise
-    except Exception as exc:  # DCP, safetensors and load_state_dict raise many kinds
+    # DCP, safetensors and load_state_dict raise many kinds (DCP's is a BaseException)
+    except (Exception, CheckpointException) as exc:
         raise CheckpointError(
             f"{directory}: the checkpoint does not match this run's student and objective "
             f"({type(exc).__name__}: {_first_line(exc)})"
@@ -352,13 +356,15 @@ def _load_format2(
             f"{directory / STATE}: the optimizer's settings do not match this run's student "
             "and objective"
         )
+    reader = HuggingFaceStorageReader(str(directory))
+    stored = set(reader.read_metadata().state_dict_metadata)
+    # a parameter that has had no gradient yet has no optimizer state in the checkpoint
+    # (this run's template has some for every parameter): it starts without, as it was
+    stateless = {k for k in tensors if k.startswith("optim.state.") and k not in stored}
     quiet = _quiet()
-    try:
-        dcp.load(
-            tensors,
-            storage_reader=HuggingFaceStorageReader(str(directory)),
-            no_dist=world_size <= 1,
-        )
+    try:  # read in place (the template keeps its placeholder state for the stateless ones)
+        stored_part = {k: v for k, v in tensors.items() if k not in stateless}
+        dcp.load(stored_part, storage_reader=reader, no_dist=world_size <= 1)
     finally:
         quiet.__exit__(None, None, None)
     for name, same in aliases.items():
@@ -376,6 +382,11 @@ def _load_format2(
         optim_state_dict=optim_sd,
         options=StateDictOptions(flatten_optimizer_state_dict=True),
     )
+    if stateless:  # their placeholder state (step 1, zero moments) removed again
+        names = {key.rsplit(".", 1)[0][len("optim.state.") :] for key in stateless}
+        for name, param in train_state.named_parameters():
+            if name in names:
+                optimizer.state.pop(param, None)
     scheduler.load_state_dict(state["scheduler"])
 
 

@@ -159,13 +159,16 @@ class Parallel:
         import torch.distributed as dist
 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        # one flag per parameter, reduced with the gradients: whether any process gave it one
+        used = torch.tensor([float(p.grad is not None) for p in params])
+        flat = torch.cat([*(g.reshape(-1).float() for g in grads), used])
         dist.all_reduce(flat)
         flat /= self.world_size
         offset = 0
-        for p, g in zip(params, grads, strict=True):
+        for p, g, flag in zip(params, grads, flat[-len(params) :].tolist(), strict=True):
             n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            # no process used it: no gradient, as with one process (AdamW leaves it alone)
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype) if flag > 0 else None
             offset += n
 
     def clip(self, params: list[nn.Parameter], max_norm: float) -> float:
@@ -211,19 +214,19 @@ class DDPParallel(Parallel):
         from torch.nn.parallel import DistributedDataParallel
 
         self.state = state
-        ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
         # some parameters get no gradient in a step (a pooler under an LM objective, a
         # stage's alignment maps before the stage starts): found from the graph
         self.module = DistributedDataParallel(
             state, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False
         )
 
+    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
+        _drop_unused(params)  # averaged during the backward; unused ones come back as zeros
+
     def sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         assert self.module is not None
         return contextlib.nullcontext() if last else self.module.no_sync()
-
-    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
-        return None  # done during the backward
 
 
 class FSDPParallel(Parallel):
@@ -270,13 +273,11 @@ class FSDPParallel(Parallel):
         state.set_reduce_scatter_unused_params(True)
         self.state = self.module = state
 
-    def sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
-        assert self.state is not None
-        self.state.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
+    # every micro-batch's gradients are reduce-scattered (sync() stays the default): holding
+    # them unsharded across the micro-batches of a step would cost the memory fsdp saves
 
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:
-        return None  # reduce-scattered during the backward
+        _drop_unused(params)  # reduce-scattered during the backward, unused ones as zeros
 
     @staticmethod
     def _gather_block(block: nn.Module) -> None:
@@ -314,6 +315,31 @@ class FSDPParallel(Parallel):
     def close(self) -> None:
         self._skeleton = None
         super().close()
+
+
+def _drop_unused(params: list[nn.Parameter]) -> None:
+    """A parameter that no process used in the step comes back from the wrapper's reduction
+    with a gradient of zeros (DDP's unused parameters, FSDP2's reduce-scatter of unused
+    ones); with one process it has none, and AdamW leaves it alone (no weight decay, no
+    moment update). Every process agrees which gradients are zero everywhere (one small
+    all-reduce) and drops them. A used parameter whose gradient is exactly zero on every
+    process is dropped too, which one process would not do: that needs an exactly zero
+    gradient tensor."""
+    import torch.distributed as dist
+
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return
+    flags = []
+    for p in with_grad:
+        grad = p.grad
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        flags.append(local.detach().abs().amax() if local.numel() else local.new_zeros(()))
+    nonzero = torch.stack([f.float().reshape(()) for f in flags])
+    dist.all_reduce(nonzero, op=dist.ReduceOp.MAX)
+    for p, value in zip(with_grad, nonzero.tolist(), strict=True):
+        if value == 0.0:
+            p.grad = None
 
 
 def shard_for_inference(model: nn.Module, adapter: Any, parallel: Parallel) -> None:

@@ -610,6 +610,7 @@ class Run:
         available = available_memory_mb(self.device)
         if available is not None and self.device.type == "cpu":
             available /= _local_processes(self.world.world_size)  # they share the machine
+        available = self._smallest(available)  # every process decides alike
         self.placement = self._place(estimate, available)
         need = estimate["total_excluding_activations"]
         world = self.world.world_size
@@ -627,6 +628,18 @@ class Run:
                 "with more processes (training.distributed, docs/running.md)"
             )
         return estimate
+
+    def _smallest(self, value: float | None) -> float | None:
+        """The smallest of the processes' ``value`` (None where any has none): a collective."""
+        if self.world.world_size <= 1:
+            return value
+        import torch.distributed as dist
+
+        low = torch.tensor(
+            [-1.0 if value is None else float(value)], device=self._collective_device()
+        )
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        return None if float(low) < 0 else float(low)
 
     def _place(self, estimate: dict[str, float], process_mb: float | None) -> Any:
         """``training.distributed`` decided for this run (:func:`.parallel.resolve_placement`),
