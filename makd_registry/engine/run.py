@@ -631,10 +631,10 @@ class Run:
 
     def _smallest(self, value: float | None) -> float | None:
         """The smallest of the processes' ``value`` (None where any has none): a collective."""
-        if self.world.world_size <= 1:
-            return value
         import torch.distributed as dist
 
+        if self.world.world_size <= 1 or not dist.is_initialized():
+            return value
         low = torch.tensor(
             [-1.0 if value is None else float(value)], device=self._collective_device()
         )
