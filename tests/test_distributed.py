@@ -235,7 +235,7 @@ def test_gkd_refuses_a_sharded_student(tmp_path):
     assert "training.distributed.strategy" in out.stderr and "GKD" in out.stderr
 
 
-def test_a_sharded_teacher_needs_weights(tmp_path):
+def test_auto_shards_what_would_take_over_a_quarter_of_a_process():
     from makd_registry.engine.parallel import Placement, resolve_placement
     from makd_registry.objective.sections import DistributedSection
 

@@ -29,11 +29,13 @@ Format 1 (makd before 0.x: ``student.safetensors``, ``modules.safetensors``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,14 +175,14 @@ def _flat_state(train_state: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     return tensors, settings, aliases
 
 
-def _quiet() -> Any:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     import warnings
 
-    manager = warnings.catch_warnings()
-    manager.__enter__()
-    # one process: DCP notes that it runs without a process group, which is the intent
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    return manager
+    with warnings.catch_warnings():
+        # one process: DCP notes that it runs without a process group, which is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _shared_tag(world_size: int) -> str:
@@ -224,15 +226,12 @@ def save_checkpoint(
     _barrier(world_size)
     try:
         tensors, settings, _ = _flat_state(train_state, optimizer)
-        quiet = _quiet()
-        try:
+        with _quiet():
             dcp.save(
                 tensors,
                 storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True),
                 no_dist=world_size <= 1,
             )
-        finally:
-            quiet.__exit__(None, None, None)
         if rank != 0:
             return final
         files = sorted(p.name for p in tmp.iterdir() if p.name.endswith(".safetensors"))
@@ -361,12 +360,10 @@ def _load_format2(
     # a parameter that has had no gradient yet has no optimizer state in the checkpoint
     # (this run's template has some for every parameter): it starts without, as it was
     stateless = {k for k in tensors if k.startswith("optim.state.") and k not in stored}
-    quiet = _quiet()
-    try:  # read in place (the template keeps its placeholder state for the stateless ones)
-        stored_part = {k: v for k, v in tensors.items() if k not in stateless}
+    # read in place (the template keeps its placeholder state for the stateless ones)
+    stored_part = {k: v for k, v in tensors.items() if k not in stateless}
+    with _quiet():
         dcp.load(stored_part, storage_reader=reader, no_dist=world_size <= 1)
-    finally:
-        quiet.__exit__(None, None, None)
     for name, same in aliases.items():
         tensors[name] = tensors[same]
     model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}

@@ -122,6 +122,8 @@ class Parallel:
     name = "replicate"
     #: whether a micro-batch's backward is a collective (every process must run one)
     collective_backward = False
+    #: the capture's ``block_access`` (a block's parameters reached outside its forward)
+    block_access: Callable[[nn.Module], None] | None = None
 
     def __init__(self, placement: Placement, world_size: int, device: torch.device, bf16: bool):
         self.placement = placement
@@ -176,8 +178,6 @@ class Parallel:
         full = getattr(norm, "full_tensor", None)
         return float(full() if callable(full) else norm)
 
-    block_access: Callable[[nn.Module], None] | None = None
-
     def place_teacher(self, teacher: nn.Module, adapter: Any) -> None:
         """Shard the teacher when its placement says so (after its evaluation)."""
         if self.placement.teacher == "fsdp" and self.world_size > 1:
@@ -222,7 +222,8 @@ class DDPParallel(Parallel):
         )
 
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:
-        _drop_unused(params)  # averaged during the backward; unused ones come back as zeros
+        # averaged during the backward; a parameter no process used keeps no gradient
+        return None
 
     def sync(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         assert self.module is not None
@@ -318,13 +319,12 @@ class FSDPParallel(Parallel):
 
 
 def _drop_unused(params: list[nn.Parameter]) -> None:
-    """A parameter that no process used in the step comes back from the wrapper's reduction
-    with a gradient of zeros (DDP's unused parameters, FSDP2's reduce-scatter of unused
-    ones); with one process it has none, and AdamW leaves it alone (no weight decay, no
-    moment update). Every process agrees which gradients are zero everywhere (one small
-    all-reduce) and drops them. A used parameter whose gradient is exactly zero on every
-    process is dropped too, which one process would not do: that needs an exactly zero
-    gradient tensor."""
+    """A parameter that no process used in the step comes back from FSDP2's reduce-scatter
+    of unused parameters with a gradient of zeros; with one process it has none, and AdamW
+    leaves it alone (no weight decay, no moment update). Every process agrees which
+    gradients are zero everywhere (one small all-reduce) and drops them. A used parameter
+    whose gradient is exactly zero on every process is dropped too, which one process would
+    not do: that needs an exactly zero gradient tensor."""
     import torch.distributed as dist
 
     with_grad = [p for p in params if p.grad is not None]
